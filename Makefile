@@ -1,0 +1,52 @@
+# onnx-appliance: `make run` serves the demo models, `make test` runs every test.
+PYTHON ?= python3
+VENV   ?= .venv
+UV_VERSION := 0.13.8
+UV     := $(VENV)/bin/uv
+BIN    := $(VENV)/bin
+CONFIG ?= packaging/appliance.dev.toml
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+export UV_LINK_MODE := copy
+
+.PHONY: run test lint typecheck format demo-models check clean
+
+$(UV):
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "uv==$(UV_VERSION)"
+
+# Runtime dependencies only, exactly as locked.
+$(VENV)/.runtime: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --inexact --no-dev
+	touch $@
+
+# Runtime plus test, lint and model-building tools.
+$(VENV)/.dev: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --inexact
+	touch $@ $(VENV)/.runtime
+
+run: $(VENV)/.runtime
+	$(BIN)/onnx-appliance check app/demo_models
+	$(BIN)/onnx-appliance serve --config $(CONFIG)
+
+test: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check app
+	$(BIN)/mypy
+
+format: $(VENV)/.dev
+	$(BIN)/ruff check --fix .
+
+# Rebuild the bundled demo models from their training script (needs the dev tools).
+demo-models: $(VENV)/.dev
+	$(BIN)/python packaging/demo/build_models.py app/demo_models
+
+check: $(VENV)/.runtime
+	$(BIN)/onnx-appliance check app/demo_models
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

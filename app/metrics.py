@@ -1,0 +1,84 @@
+"""Prometheus metrics, summed over all gunicorn workers in multiprocess mode.
+
+When ``PROMETHEUS_MULTIPROC_DIR`` is set (the CLI sets it before any worker starts), every
+worker writes its values to files there and a scrape of any worker aggregates all of them;
+gunicorn's ``child_exit`` hook marks dead workers so their live gauges drop out.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from app import __version__
+
+PREFIX = "onnx_appliance"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
+
+
+def multiprocess_enabled() -> bool:
+    """True when metric values live in files shared by the workers."""
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Metrics:
+    """The appliance's metrics, registered in a registry of their own.
+
+    Args:
+        registry: Where to register; a fresh one by default, so tests can build many apps.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests", "HTTP requests answered, by route, method, status and model.",
+            ["route", "method", "status", "model", "version"], registry=r)
+        self.request_duration = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Time from request received to response ready, by route and model.",
+            ["route", "model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inference_duration = Histogram(
+            f"{PREFIX}_inference_duration_seconds",
+            "Time spent in onnxruntime per session run, by model and version.",
+            ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight", "Requests being handled right now.",
+            registry=r, multiprocess_mode="livesum")
+        self.models_loaded = Gauge(
+            f"{PREFIX}_models_loaded", "Model versions loaded and warmed up in each live worker.",
+            registry=r, multiprocess_mode="livemax")
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info", "Always 1; the label carries the appliance version.",
+            ["version"], registry=r, multiprocess_mode="livemax")
+        self.build_info.labels(__version__).set(1)
+
+    def observe_inference(self, model: str, version: str, seconds: float) -> None:
+        """Record one session run (the serving layer's inference observer)."""
+        self.inference_duration.labels(model, version).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type; all workers' values in multiprocess mode."""
+        if multiprocess_enabled():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE
+        return generate_latest(self.registry), CONTENT_TYPE
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (gunicorn ``child_exit`` hook)."""
+    if multiprocess_enabled():
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,68 @@
+"""Per-request context: request id, one structured log line, and request metrics."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+import falcon
+import structlog
+
+from app.metrics import Metrics
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+# Probes and scrapes arrive every few seconds; log them only at debug level.
+_QUIET_ROUTES = frozenset({"/v2/health/live", "/v2/health/ready", "/healthz", "/readyz",
+                           "/metrics"})
+
+log = structlog.get_logger("app.access")
+
+
+def request_id_from(value: str | None) -> str:
+    """The client's request id when well formed, else a fresh random one."""
+    if value and _REQUEST_ID_RE.match(value):
+        return value
+    return uuid.uuid4().hex
+
+
+class RequestContext:
+    """Binds the request id into logs, echoes it, logs and counts every request.
+
+    Resources set ``req.context.model`` and ``req.context.version`` once they know which
+    model version serves the request; those become log fields and metric labels.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Start the clock and bind the request id."""
+        ctx = req.context
+        ctx.start = time.perf_counter()
+        ctx.request_id = request_id_from(req.get_header(REQUEST_ID_HEADER))
+        ctx.model = ""
+        ctx.version = ""
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
+        self._metrics.in_flight.inc()
+
+    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any,
+                         req_succeeded: bool) -> None:
+        """Echo the request id, record metrics and write the request's log line."""
+        ctx = req.context
+        resp.set_header(REQUEST_ID_HEADER, ctx.request_id)
+        duration = time.perf_counter() - ctx.start
+        route = req.uri_template or "unmatched"
+        method = req.method if req.method in _METHODS else "other"
+        status = resp.status_code
+        self._metrics.in_flight.dec()
+        self._metrics.requests.labels(route, method, str(status), ctx.model, ctx.version).inc()
+        self._metrics.request_duration.labels(route, ctx.model).observe(duration)
+        emit = log.debug if route in _QUIET_ROUTES and status < 400 else log.info
+        emit("request", method=method, route=route, status=status,
+             duration_ms=round(duration * 1000, 3), model=ctx.model or None,
+             version=ctx.version or None)

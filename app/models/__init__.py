@@ -1,0 +1,1 @@
+"""Serving layer: ONNX sessions, signatures and the model repository. Knows nothing of HTTP."""

@@ -1,0 +1,255 @@
+"""One version of one model: an onnxruntime session, its signature, validation and warm-up."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.models.errors import InferenceFailed, InvalidInput, PayloadTooLarge, RepositoryError
+from app.models.signature import ORT_TO_DATATYPE, TensorSpec, dims_from_ort
+
+#: Called after every session run with (model name, version, seconds).
+InferenceObserver = Callable[[str, str, float], None]
+
+
+class ModelState(enum.StrEnum):
+    """Life cycle of a model version inside one worker."""
+
+    UNAVAILABLE = "UNAVAILABLE"
+    LOADING = "LOADING"
+    READY = "READY"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """How a session is built and warmed up.
+
+    Attributes:
+        intra_op_threads: Threads one operator may use.
+        inter_op_threads: Threads for independent graph branches.
+        warmup_runs: Inference runs on synthetic inputs before the model is ready.
+        max_batch_rows: Largest first dimension accepted on batched inputs.
+    """
+
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    warmup_runs: int = 3
+    max_batch_rows: int = 1024
+
+
+class OnnxModel:
+    """A loaded (or loadable) ONNX model version.
+
+    The signature is read when the session is created; until :meth:`load` finishes the
+    model is not ready. Sessions are safe to run from several threads at once.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        path: Path,
+        options: RuntimeOptions,
+        observer: InferenceObserver | None = None,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.version_str = str(version)
+        self.path = path
+        self.options = options
+        self.state = ModelState.UNAVAILABLE
+        self.inputs: tuple[TensorSpec, ...] = ()
+        self.outputs: tuple[TensorSpec, ...] = ()
+        self._inputs_by_name: dict[str, TensorSpec] = {}
+        self._output_names: frozenset[str] = frozenset()
+        self._session: Any = None
+        self._observer = observer
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Create the session, read the signature and warm up.
+
+        Raises:
+            RepositoryError: the file is not a model onnxruntime can serve.
+        """
+        import onnxruntime as ort  # imported here: workers import it after fork
+
+        self.state = ModelState.LOADING
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.options.intra_op_threads
+        opts.inter_op_num_threads = self.options.inter_op_threads
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        # Idle pool threads that spin steal the core from the other workers.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        try:
+            session = ort.InferenceSession(
+                str(self.path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises several unrelated types
+            self.state = ModelState.UNAVAILABLE
+            raise RepositoryError(f"{self.label}: onnxruntime cannot load it: {exc}") from None
+        self.inputs = tuple(self._spec(arg, "input") for arg in session.get_inputs())
+        self.outputs = tuple(self._spec(arg, "output") for arg in session.get_outputs())
+        self._inputs_by_name = {spec.name: spec for spec in self.inputs}
+        self._output_names = frozenset(spec.name for spec in self.outputs)
+        self._session = session
+        self.warmup()
+        self.state = ModelState.READY
+
+    def _spec(self, arg: Any, kind: str) -> TensorSpec:
+        datatype = ORT_TO_DATATYPE.get(arg.type)
+        if datatype is None:
+            hint = " (for scikit-learn classifiers convert with zipmap=False)" if "map" in (
+                arg.type) else ""
+            raise RepositoryError(
+                f"{self.label}: {kind} {arg.name!r} has type {arg.type}, which cannot be "
+                f"served{hint}"
+            )
+        return TensorSpec(arg.name, datatype, dims_from_ort(arg.shape))
+
+    def warmup(self) -> None:
+        """Run the configured number of inferences on synthetic inputs of batch 1."""
+        if not self.options.warmup_runs:
+            return
+        feeds = {spec.name: synthetic_input(spec) for spec in self.inputs}
+        for _ in range(self.options.warmup_runs):
+            try:
+                self._session.run(None, feeds)
+            except Exception as exc:  # a model that cannot run at all must not serve
+                self.state = ModelState.UNAVAILABLE
+                raise RepositoryError(
+                    f"{self.label}: warm-up inference failed ({exc}); set warmup_runs = 0 in "
+                    "its model.toml if it needs special inputs"
+                ) from None
+
+    @property
+    def label(self) -> str:
+        """``name/version`` for log lines and operator messages."""
+        return f"{self.name}/{self.version}"
+
+    @property
+    def ready(self) -> bool:
+        """True once the session is loaded and warmed up."""
+        return self.state is ModelState.READY
+
+    # -- serving -----------------------------------------------------------------------------
+
+    def input_spec(self, name: str) -> TensorSpec:
+        """Spec of the named input.
+
+        Raises:
+            InvalidInput: the model has no such input.
+        """
+        spec = self._inputs_by_name.get(name)
+        if spec is None:
+            raise InvalidInput(
+                f"model {self.name!r} has no input {name!r}; inputs are "
+                f"{', '.join(repr(s.name) for s in self.inputs)}"
+            )
+        return spec
+
+    def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Check a complete feed against the signature and the batch limit.
+
+        Raises:
+            InvalidInput: a missing or unknown input, a wrong dtype or shape.
+            PayloadTooLarge: more batch rows than allowed.
+        """
+        missing = [spec.name for spec in self.inputs if spec.name not in inputs]
+        if missing:
+            raise InvalidInput(
+                f"missing input(s) {', '.join(repr(n) for n in missing)} for model {self.name!r}"
+            )
+        for name, array in inputs.items():
+            spec = self.input_spec(name)
+            if array.dtype != spec.dtype:
+                raise InvalidInput(
+                    f"input {name!r} must be {spec.datatype}, got numpy dtype {array.dtype}"
+                )
+            if not spec.accepts_shape(array.shape):
+                raise InvalidInput(
+                    f"input {name!r} has shape {list(array.shape)} but model {self.name!r} "
+                    f"expects {list(spec.shape)} (-1 is any size)"
+                )
+            if spec.batched and array.shape[0] > self.options.max_batch_rows:
+                raise PayloadTooLarge(
+                    f"input {name!r} has {array.shape[0]} rows; the limit for model "
+                    f"{self.name!r} is {self.options.max_batch_rows}"
+                )
+
+    def check_outputs(self, names: Sequence[str]) -> None:
+        """Raise InvalidInput unless every requested output exists."""
+        unknown = [n for n in names if n not in self._output_names]
+        if unknown:
+            raise InvalidInput(
+                f"model {self.name!r} has no output(s) {', '.join(repr(n) for n in unknown)}; "
+                f"outputs are {', '.join(repr(s.name) for s in self.outputs)}"
+            )
+
+    def predict(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Validate and run one inference.
+
+        Args:
+            inputs: Arrays by input name.
+            outputs: Output names to compute; ``None`` for all.
+
+        Returns:
+            Arrays by output name, in the order asked for (or the model's order).
+
+        Raises:
+            InvalidInput, PayloadTooLarge: the feed does not fit the model.
+            InferenceFailed: onnxruntime rejected the values.
+        """
+        self.validate(inputs)
+        names = [s.name for s in self.outputs] if outputs is None else list(outputs)
+        if outputs is not None:
+            self.check_outputs(names)
+        start = time.perf_counter()
+        try:
+            results = self._session.run(names, dict(inputs))
+        except Exception as exc:
+            raise InferenceFailed(
+                f"model {self.name!r} could not run on these inputs: {_first_line(exc)}"
+            ) from None
+        if self._observer is not None:
+            self._observer(self.name, self.version_str, time.perf_counter() - start)
+        return dict(zip(names, results, strict=True))
+
+    def metadata(self) -> dict[str, Any]:
+        """Open Inference Protocol model metadata for this version."""
+        return {
+            "name": self.name,
+            "versions": [self.version_str],
+            "platform": "onnxruntime_onnx",
+            "inputs": [s.as_dict() for s in self.inputs],
+            "outputs": [s.as_dict() for s in self.outputs],
+        }
+
+
+def synthetic_input(spec: TensorSpec) -> np.ndarray:
+    """A batch-1 array that fits the spec: zeros, or short strings for BYTES."""
+    shape = tuple(1 if d < 0 else d for d in spec.shape)
+    if spec.datatype == "BYTES":
+        return np.full(shape, "warm up", dtype=object)
+    return np.zeros(shape, dtype=spec.dtype)
+
+
+def _first_line(exc: Exception) -> str:
+    # onnxruntime messages start with "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ..." and
+    # can name source files of the runtime; keep only the human part of the first line.
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    parts = [p.strip() for p in text.split(" : ")]
+    text = parts[-1] if parts else text
+    return "".join(ch for ch in text if ch.isprintable())[:300]

@@ -1,0 +1,316 @@
+"""The model repository: ``<root>/<name>/<version>/model.onnx`` plus optional ``model.toml``.
+
+Scanning is pure file inspection (no sessions), so the master process and ``onnx-appliance
+check`` can refuse a bad repository before any worker starts. Loading creates the sessions and
+warms them up; it runs in each worker after fork.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
+from app.models.onnx import InferenceObserver, OnnxModel, RuntimeOptions
+
+log = structlog.get_logger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+MODEL_FILE = "model.onnx"
+MODEL_CONFIG = "model.toml"
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Contents of ``<name>/model.toml``; every key is optional.
+
+    Attributes:
+        default_version: Version served when a request names none (default: newest).
+        intra_op_threads: Overrides the server-wide intra-op thread count for this model.
+        inter_op_threads: Overrides the server-wide inter-op thread count for this model.
+        max_batch_rows: Largest batch per request for this model (at most the global limit).
+        warmup_runs: Warm-up inferences per version (0 disables warm-up).
+        labels: Class names, shown in metadata for clients.
+        description: Free text shown in metadata.
+    """
+
+    default_version: int | None = None
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+    max_batch_rows: int | None = None
+    warmup_runs: int | None = None
+    labels: list[str] = msgspec.field(default_factory=list)
+    description: str = ""
+
+
+@dataclass(slots=True)
+class ModelEntry:
+    """All versions of one model."""
+
+    name: str
+    config: ModelConfig
+    versions: dict[int, OnnxModel] = field(default_factory=dict)
+
+    @property
+    def default_version(self) -> int:
+        """The configured default, or the newest version."""
+        return self.config.default_version or max(self.versions)
+
+    def version_states(self) -> list[dict[str, str]]:
+        """``[{version, state}]`` sorted by version."""
+        return [
+            {"version": m.version_str, "state": m.state.value}
+            for _, m in sorted(self.versions.items())
+        ]
+
+
+def valid_name(name: str) -> bool:
+    """Whether a model name is acceptable (no path separators, dots-only or odd characters)."""
+    return bool(NAME_RE.match(name)) and name.strip(".") != ""
+
+
+class Repository:
+    """The models one worker serves, by name and version."""
+
+    def __init__(self, entries: dict[str, ModelEntry], default_model: str = "") -> None:
+        self._entries = dict(sorted(entries.items()))
+        if default_model and default_model not in self._entries:
+            raise RepositoryError(
+                f"models.default_model {default_model!r} is not in the repository "
+                f"(models: {', '.join(self._entries) or 'none'})"
+            )
+        self.default_model = default_model or next(iter(self._entries), "")
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def scan(
+        cls,
+        root: Path,
+        options: RuntimeOptions,
+        default_model: str = "",
+        observer: InferenceObserver | None = None,
+    ) -> Repository:
+        """Read the layout and configs under ``root`` without creating sessions.
+
+        Raises:
+            RepositoryError: an unusable layout, config or model file.
+        """
+        try:
+            root = root.resolve(strict=True)
+        except OSError:
+            raise RepositoryError(f"model repository {root} does not exist") from None
+        if not root.is_dir():
+            raise RepositoryError(f"model repository {root} is not a directory")
+        entries: dict[str, ModelEntry] = {}
+        for model_dir in sorted(root.iterdir()):
+            if model_dir.name.startswith(".") or not model_dir.is_dir():
+                continue
+            entry = _scan_model(root, model_dir, options, observer)
+            entries[entry.name] = entry
+        if not entries:
+            raise RepositoryError(
+                f"model repository {root} holds no models (expected <name>/<version>/model.onnx)"
+            )
+        return cls(entries, default_model)
+
+    @classmethod
+    def single_file(
+        cls,
+        path: Path,
+        options: RuntimeOptions,
+        name: str | None = None,
+        observer: InferenceObserver | None = None,
+    ) -> Repository:
+        """Serve one ``.onnx`` file as version 1 of a model named after the file.
+
+        Raises:
+            RepositoryError: the file is missing or the name is unusable.
+        """
+        if not path.is_file():
+            raise RepositoryError(f"model file {path} does not exist")
+        name = name or path.stem
+        if not valid_name(name):
+            raise RepositoryError(f"model name {name!r} is invalid: use letters, digits, _ . -")
+        check_model_file(path.resolve(), path.resolve().parent)
+        entry = ModelEntry(name, ModelConfig())
+        entry.versions[1] = OnnxModel(name, 1, path.resolve(), options, observer)
+        return cls({name: entry})
+
+    def load(self) -> None:
+        """Create every session and warm it up; afterwards the repository is ready.
+
+        Raises:
+            RepositoryError: a model cannot be loaded or warmed up.
+        """
+        for model in self.models():
+            model.load()
+            log.info("model_ready", model=model.name, version=model.version_str)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def models(self) -> Iterator[OnnxModel]:
+        """Every model version, by name then version."""
+        for entry in self._entries.values():
+            for _, model in sorted(entry.versions.items()):
+                yield model
+
+    @property
+    def names(self) -> list[str]:
+        """Model names in order."""
+        return list(self._entries)
+
+    @property
+    def ready(self) -> bool:
+        """True when every model version is loaded and warmed up."""
+        return all(m.ready for m in self.models())
+
+    def entry(self, name: str) -> ModelEntry:
+        """All versions of a model.
+
+        Raises:
+            ModelNotFound: no such model.
+        """
+        entry = self._entries.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} is not served here" if valid_name(name)
+                                else "no such model")
+        return entry
+
+    def get(self, name: str, version: str | None = None) -> OnnxModel:
+        """The version to serve: the one asked for, or the model's default.
+
+        Raises:
+            ModelNotFound: unknown model or version.
+            ModelNotReady: it exists but is still loading.
+        """
+        entry = self.entry(name)
+        if version is None:
+            model = entry.versions[entry.default_version]
+        else:
+            number = int(version) if VERSION_RE.match(version) else None
+            found = entry.versions.get(number) if number is not None else None
+            if found is None:
+                raise ModelNotFound(f"model {name!r} has no version {version!r}"
+                                    if number is not None else f"model {name!r} has no such "
+                                    "version")
+            model = found
+        if not model.ready:
+            raise ModelNotReady(f"model {name!r} version {model.version} is not ready yet")
+        return model
+
+    def index(self) -> list[dict[str, str]]:
+        """Repository index: one ``{name, version, state}`` per model version."""
+        return [
+            {"name": m.name, "version": m.version_str, "state": m.state.value}
+            for m in self.models()
+        ]
+
+
+def _scan_model(
+    root: Path, model_dir: Path, options: RuntimeOptions, observer: InferenceObserver | None
+) -> ModelEntry:
+    name = model_dir.name
+    if not valid_name(name):
+        raise RepositoryError(
+            f"model folder {name!r} has an invalid name: use letters, digits, _ . - "
+            "(at most 128 characters)"
+        )
+    if not _inside(model_dir, root):
+        raise RepositoryError(f"model folder {name!r} leads outside the repository")
+    config = _read_config(model_dir)
+    entry = ModelEntry(name, config)
+    runtime = RuntimeOptions(
+        intra_op_threads=config.intra_op_threads or options.intra_op_threads,
+        inter_op_threads=config.inter_op_threads or options.inter_op_threads,
+        warmup_runs=options.warmup_runs if config.warmup_runs is None else config.warmup_runs,
+        max_batch_rows=min(config.max_batch_rows or options.max_batch_rows,
+                           options.max_batch_rows),
+    )
+    for version_dir in sorted(model_dir.iterdir()):
+        if not version_dir.is_dir() or not VERSION_RE.match(version_dir.name):
+            continue
+        if not _inside(version_dir, model_dir):
+            raise RepositoryError(f"model {name!r} version folder {version_dir.name!r} leads "
+                                  "outside the model folder")
+        model_file = version_dir / MODEL_FILE
+        if not model_file.is_file():
+            raise RepositoryError(f"model {name!r} version {version_dir.name} has no {MODEL_FILE}")
+        check_model_file(model_file, version_dir)
+        version = int(version_dir.name)
+        entry.versions[version] = OnnxModel(name, version, model_file.resolve(), runtime, observer)
+    if not entry.versions:
+        raise RepositoryError(f"model {name!r} has no version folders (expected {name}/1/"
+                              f"{MODEL_FILE})")
+    if config.default_version is not None and config.default_version not in entry.versions:
+        raise RepositoryError(
+            f"model {name!r}: default_version {config.default_version} does not exist "
+            f"(versions: {', '.join(map(str, sorted(entry.versions)))})"
+        )
+    return entry
+
+
+def _read_config(model_dir: Path) -> ModelConfig:
+    path = model_dir / MODEL_CONFIG
+    if not path.exists():
+        return ModelConfig()
+    try:
+        data: Any = tomllib.loads(path.read_text(encoding="utf-8"))
+        config = msgspec.convert(data, ModelConfig)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG} is unreadable: "
+                              f"{exc}") from None
+    except msgspec.ValidationError as exc:
+        raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {exc}") from None
+    for key in ("intra_op_threads", "inter_op_threads", "max_batch_rows", "default_version"):
+        value = getattr(config, key)
+        if value is not None and value < 1:
+            raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {key} must be >= 1")
+    if config.warmup_runs is not None and config.warmup_runs < 0:
+        raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: warmup_runs must be "
+                              ">= 0")
+    return config
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    try:
+        return path.resolve(strict=True).is_relative_to(parent.resolve(strict=True))
+    except OSError:
+        return False
+
+
+def check_model_file(model_file: Path, folder: Path) -> None:
+    """Refuse a model file that is (or needs data) outside its own folder.
+
+    ONNX external data is addressed by a relative ``location``; a location that is absolute,
+    climbs with ``..`` or resolves through a link to elsewhere would let a model read any file.
+
+    Raises:
+        RepositoryError: the file or its external data escapes ``folder``.
+    """
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    if not _inside(model_file, folder):
+        raise RepositoryError(f"{model_file.name} in {folder} leads outside its folder")
+    try:
+        proto = onnx.load(str(model_file), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and others
+        raise RepositoryError(f"{model_file} is not a readable ONNX model: {exc}") from None
+    for tensor in _get_all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = folder / location
+        if not location or Path(location).is_absolute() or not _inside(target, folder):
+            raise RepositoryError(
+                f"{model_file} refers to external data {location!r} that is missing or "
+                "outside its own folder"
+            )

@@ -1,0 +1,154 @@
+"""Turning wire data into numpy arrays and back, with every check done before allocation."""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+import numpy as np
+
+from app.models.errors import InvalidInput, PayloadTooLarge
+from app.models.signature import DATATYPE_TO_NUMPY
+
+MAX_RANK = 16
+_INT_KINDS = frozenset("iu")
+_NUMBER_KINDS = frozenset("iuf")
+
+
+def check_shape(name: str, shape: Any, max_elements: int) -> tuple[int, ...]:
+    """Validate a declared shape and return it as a tuple.
+
+    Raises:
+        InvalidInput: not a list of non-negative integers, or absurdly long.
+        PayloadTooLarge: more elements than ``max_elements``; nothing was allocated.
+    """
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise InvalidInput(f"input {name!r}: 'shape' must be a list of at most {MAX_RANK} "
+                           "non-negative integers")
+    for dim in shape:
+        # bool is an int subclass and 1e12 arrives as a float: both are refused.
+        if type(dim) is not int or dim < 0:
+            raise InvalidInput(f"input {name!r}: shape {shape!r} must hold non-negative integers")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise PayloadTooLarge(f"input {name!r}: shape {shape} has {count} elements; the limit "
+                              f"is {max_elements}")
+    return tuple(shape)
+
+
+def array_from_json(name: str, data: Any, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Build the array for one input from JSON ``data`` (flat or nested, row-major).
+
+    Raises:
+        InvalidInput: ragged lists, values of the wrong kind, out-of-range integers, or an
+            element count that disagrees with ``shape``.
+    """
+    if not isinstance(data, list):
+        data = [data]
+    try:
+        raw = np.array(data, dtype=object if datatype == "BYTES" else None)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise InvalidInput(f"input {name!r}: 'data' is ragged or too deeply nested") from None
+    expected = math.prod(shape)
+    if raw.size != expected:
+        raise InvalidInput(f"input {name!r}: 'data' has {raw.size} elements but shape "
+                           f"{list(shape)} needs {expected}")
+    return coerce(name, raw, datatype).reshape(shape)
+
+
+def coerce(name: str, raw: np.ndarray, datatype: str) -> np.ndarray:
+    """Cast an array that numpy inferred from JSON to ``datatype``, refusing lossy casts.
+
+    Raises:
+        InvalidInput: strings for numbers, floats for integers, numbers for strings, etc.
+    """
+    target = DATATYPE_TO_NUMPY[datatype]
+    kind = raw.dtype.kind
+    if datatype == "BYTES":
+        flat = raw.reshape(-1)
+        if not all(isinstance(v, str) for v in flat):
+            raise InvalidInput(f"input {name!r} is BYTES: every element must be a string")
+        return raw
+    if raw.size == 0:
+        return raw.astype(target)
+    if datatype == "BOOL":
+        if kind != "b":
+            raise InvalidInput(f"input {name!r} is BOOL: elements must be true or false")
+        return raw
+    if kind not in _NUMBER_KINDS:
+        raise InvalidInput(f"input {name!r} is {datatype}: elements must be numbers, got "
+                           f"{_kind_name(kind)}")
+    if target.kind in _INT_KINDS:
+        if kind == "f":
+            raise InvalidInput(f"input {name!r} is {datatype}: elements must be integers")
+        info = np.iinfo(target)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}")
+    return raw.astype(target, copy=False)
+
+
+def _kind_name(kind: str) -> str:
+    return {"U": "strings", "S": "strings", "b": "booleans", "O": "mixed or null values"}.get(
+        kind, "non-numeric values")
+
+
+def array_from_bytes(name: str, chunk: memoryview, datatype: str,
+                     shape: tuple[int, ...]) -> np.ndarray:
+    """Decode one tensor of the binary tensor data extension (little-endian, row-major).
+
+    Raises:
+        InvalidInput: the byte count does not match the shape and datatype.
+    """
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _bytes_elements(name, chunk, count).reshape(shape)
+    dtype = DATATYPE_TO_NUMPY[datatype].newbyteorder("<")
+    if len(chunk) != count * dtype.itemsize:
+        raise InvalidInput(f"input {name!r}: binary data has {len(chunk)} bytes but shape "
+                           f"{list(shape)} of {datatype} needs {count * dtype.itemsize}")
+    array = np.frombuffer(chunk, dtype=dtype)
+    if datatype == "BOOL" and array.size and (chunk.tobytes().strip(b"\x00\x01") != b""):
+        raise InvalidInput(f"input {name!r}: BOOL bytes must be 0 or 1")
+    return array.astype(DATATYPE_TO_NUMPY[datatype], copy=False).reshape(shape)
+
+
+def _bytes_elements(name: str, chunk: memoryview, count: int) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    pos, end = 0, len(chunk)
+    for i in range(count):
+        if pos + 4 > end:
+            raise InvalidInput(f"input {name!r}: binary BYTES data ends before element {i}")
+        (size,) = struct.unpack_from("<I", chunk, pos)
+        pos += 4
+        if pos + size > end:
+            raise InvalidInput(f"input {name!r}: binary BYTES element {i} is truncated")
+        try:
+            out[i] = bytes(chunk[pos:pos + size]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(f"input {name!r}: BYTES element {i} is not UTF-8 text") from None
+        pos += size
+    if pos != end:
+        raise InvalidInput(f"input {name!r}: binary BYTES data has {end - pos} bytes too many")
+    return out
+
+
+def array_to_bytes(array: np.ndarray, datatype: str) -> bytes:
+    """Encode an output for the binary tensor data extension."""
+    if datatype == "BYTES":
+        parts = []
+        for value in array.reshape(-1):
+            raw = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+            parts.append(struct.pack("<I", len(raw)))
+            parts.append(raw)
+        return b"".join(parts)
+    dtype = array.dtype.newbyteorder("<")
+    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def to_json_data(array: np.ndarray) -> Any:
+    """A flat, JSON-encodable row-major view of an output (orjson serialises numpy)."""
+    if array.dtype.kind == "O":
+        return [v if isinstance(v, str) else bytes(v).decode("utf-8", "replace")
+                for v in array.reshape(-1)]
+    return np.ascontiguousarray(array).reshape(-1)

@@ -1,0 +1,261 @@
+"""Appliance settings: one TOML file plus ``ONNX_APPLIANCE_*`` environment overrides.
+
+The file has sections (``[server]``, ``[models]``, ``[limits]``, ``[logging]``,
+``[metrics]``); an environment variable ``ONNX_APPLIANCE_<SECTION>__<KEY>`` overrides one key,
+its value read as a TOML value (``4``, ``true``, ``["a", "b"]``) or else as a plain string.
+Everything is validated once at start-up; any problem raises :class:`SettingsError` whose
+message is one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+DEFAULT_CONFIG_PATH = Path("/etc/onnx-appliance/appliance.toml")
+DEFAULT_MODEL_REPOSITORY = Path("/var/lib/onnx-appliance/models")
+ENV_PREFIX = "ONNX_APPLIANCE_"
+#: Where the CLI finds the configuration file when --config is not given.
+CONFIG_ENV = "ONNX_APPLIANCE_CONFIG"
+
+_BIND_RE = re.compile(r"^(unix:/.+|\[[0-9a-fA-F:]+\]:\d{1,5}|[A-Za-z0-9.-]+:\d{1,5})$")
+
+
+class SettingsError(Exception):
+    """The configuration cannot be used; the message is one line for the operator."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerSettings(_Section):
+    """How gunicorn runs the app.
+
+    Attributes:
+        bind: Addresses to listen on: ``host:port`` or ``unix:/path``. Loopback only by
+            default: NGINX is the only thing that should face the network.
+        workers: Worker processes; 0 means one per CPU core.
+        worker_class: ``gthread`` (threads share a worker's sessions) or ``sync``.
+        threads: Request threads per gthread worker.
+        intra_op_threads: onnxruntime intra-op threads per session; 0 means cores / workers.
+        inter_op_threads: onnxruntime inter-op threads per session.
+        cpu_affinity: Pin each worker to one core (round robin).
+        timeout: Seconds a silent worker may live before the master kills it.
+        graceful_timeout: Seconds a worker gets to finish its requests on shutdown/reload.
+        keepalive: Seconds an idle keep-alive connection stays open.
+        backlog: Listen backlog.
+        max_requests: Recycle a worker after this many requests (0: never).
+        max_requests_jitter: Random extra requests before recycling, to spread restarts.
+        control_socket: Path of gunicorn's control socket, or "" for none.
+        socket_mode: Octal mode of a unix listening socket.
+    """
+
+    bind: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8000"])
+    workers: int = 0
+    worker_class: Literal["gthread", "sync"] = "gthread"
+    threads: int = 4
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    cpu_affinity: bool = False
+    timeout: int = 60
+    graceful_timeout: int = 30
+    keepalive: int = 5
+    backlog: int = 2048
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    control_socket: str = ""
+    socket_mode: int = 0o660
+
+
+class ModelsSettings(_Section):
+    """Where models come from.
+
+    Attributes:
+        repository: Directory laid out as ``<name>/<version>/model.onnx``.
+        default_model: Model served by ``POST /predict``; "" means the only model, or the
+            first in name order.
+        warmup_runs: Inference runs per model version before the worker reports ready.
+    """
+
+    repository: str = str(DEFAULT_MODEL_REPOSITORY)
+    default_model: str = ""
+    warmup_runs: int = 3
+
+
+class LimitsSettings(_Section):
+    """Bounds on what a request may ask for.
+
+    Attributes:
+        max_body_bytes: Largest request body read; larger gets 413.
+        max_batch_rows: Largest batch (first dimension) per request unless a model sets less.
+        max_tensor_elements: Largest element count of one input tensor; checked from the
+            declared shape before anything is allocated.
+    """
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_batch_rows: int = 1024
+    max_tensor_elements: int = 4 * 1024 * 1024
+
+
+class LoggingSettings(_Section):
+    """Log output.
+
+    Attributes:
+        level: debug, info, warning or error.
+        format: ``json`` (one object per line, for journald/shipping) or ``console``.
+    """
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics.
+
+    Attributes:
+        enabled: Serve ``GET /metrics``.
+        multiproc_dir: Directory for per-worker metric files; "" takes
+            ``$PROMETHEUS_MULTIPROC_DIR`` or a private temporary directory.
+    """
+
+    enabled: bool = True
+    multiproc_dir: str = ""
+
+
+class Settings(_Section):
+    """All appliance settings."""
+
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    models: ModelsSettings = msgspec.field(default_factory=ModelsSettings)
+    limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
+    logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+
+    def effective_workers(self) -> int:
+        """Worker count with 0 resolved to the number of usable cores."""
+        return self.server.workers or cpu_count()
+
+    def effective_intra_op_threads(self) -> int:
+        """Intra-op threads with 0 resolved to cores / workers (at least one)."""
+        if self.server.intra_op_threads:
+            return self.server.intra_op_threads
+        return max(1, cpu_count() // self.effective_workers())
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (honours affinity masks and cgroup cpusets)."""
+    return len(os.sched_getaffinity(0)) or 1
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    sections = set(Settings.__struct_fields__)
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        section, sep, field = key.partition("__")
+        if not sep or section not in sections or not field:
+            raise SettingsError(
+                f"environment variable {name} is not a setting "
+                f"(expected {ENV_PREFIX}<SECTION>__<KEY>, sections: {', '.join(sorted(sections))})"
+            )
+        data.setdefault(section, {})[field] = _env_value(raw)
+
+
+def _check(settings: Settings, check_repository: bool) -> None:
+    s = settings.server
+    positive = {
+        "server.workers": (s.workers, 0), "server.threads": (s.threads, 1),
+        "server.intra_op_threads": (s.intra_op_threads, 0),
+        "server.inter_op_threads": (s.inter_op_threads, 1), "server.timeout": (s.timeout, 1),
+        "server.graceful_timeout": (s.graceful_timeout, 1), "server.keepalive": (s.keepalive, 0),
+        "server.backlog": (s.backlog, 1), "server.max_requests": (s.max_requests, 0),
+        "server.max_requests_jitter": (s.max_requests_jitter, 0),
+        "models.warmup_runs": (settings.models.warmup_runs, 0),
+        "limits.max_body_bytes": (settings.limits.max_body_bytes, 1),
+        "limits.max_batch_rows": (settings.limits.max_batch_rows, 1),
+        "limits.max_tensor_elements": (settings.limits.max_tensor_elements, 1),
+    }
+    for key, (value, minimum) in positive.items():
+        if value < minimum:
+            raise SettingsError(f"{key} = {value} is invalid: must be at least {minimum}")
+    if not s.bind:
+        raise SettingsError("server.bind is empty: give at least one address")
+    for address in s.bind:
+        if not _BIND_RE.match(address):
+            raise SettingsError(
+                f"server.bind entry {address!r} is invalid: use host:port or unix:/absolute/path"
+            )
+    if not 0 <= s.socket_mode <= 0o777:
+        raise SettingsError(f"server.socket_mode = {s.socket_mode:o} is not a file mode")
+    repo = Path(settings.models.repository)
+    if check_repository and not repo.is_dir():
+        raise SettingsError(f"models.repository {repo} does not exist or is not a directory")
+
+
+def load_settings(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    check_repository: bool = True,
+) -> Settings:
+    """Read, merge and validate the settings.
+
+    Args:
+        path: TOML file. ``None`` reads :data:`DEFAULT_CONFIG_PATH` when it exists and
+            otherwise starts from the built-in defaults; an explicit path must exist.
+        env: Environment to take ``ONNX_APPLIANCE_*`` overrides from (default: os.environ).
+        overrides: Values from the command line, ``{section: {key: value}}``; they win
+            over the file and the environment.
+        check_repository: Require ``models.repository`` to be a directory (off when a
+            single model file is served instead).
+
+    Returns:
+        Validated settings.
+
+    Raises:
+        SettingsError: with a one-line message naming the problem.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    file = path if path is not None else DEFAULT_CONFIG_PATH
+    if path is not None or file.exists():
+        try:
+            data = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise SettingsError(f"configuration file {file} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"configuration file {file} cannot be read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"configuration file {file} is not valid TOML: {exc}") from None
+    _apply_env(data, env)
+    for section, values in (overrides or {}).items():
+        section_data = data.setdefault(section, {})
+        if isinstance(section_data, dict):
+            section_data.update(values)
+    try:
+        settings = msgspec.convert(data, Settings)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid setting: {_readable(str(exc))}") from None
+    _check(settings, check_repository)
+    return settings
+
+
+def _readable(message: str) -> str:
+    # msgspec says "Object contains unknown field `x` - at `$.server`"; make the path dotted.
+    return re.sub(r"`\$\.?([^`]*)`", lambda m: f"`{m.group(1) or 'top level'}`", message)

@@ -1,0 +1,92 @@
+"""The Falcon application: ``create_app(settings, repository)`` wires routes to resources."""
+
+from __future__ import annotations
+
+import falcon
+
+from app import errors
+from app.metrics import Metrics
+from app.middleware import RequestContext
+from app.models.onnx import RuntimeOptions
+from app.models.repository import Repository
+from app.resources.health import LiveResource, ReadyResource, ServerResource
+from app.resources.metrics import MetricsResource
+from app.resources.openapi import OpenApiResource
+from app.resources.v1 import ModelStatusResource, PredictResource
+from app.resources.v2 import ModelsResource, RepositoryIndexResource
+from app.settings import Settings
+
+
+def create_app(settings: Settings, repository: Repository,
+               metrics: Metrics | None = None) -> falcon.App:
+    """Build the WSGI app around an already scanned repository.
+
+    Args:
+        settings: Validated settings.
+        repository: The models to serve (loaded or not: readiness reflects it).
+        metrics: Metrics to record into; a fresh set when omitted.
+
+    Returns:
+        The Falcon app.
+    """
+    metrics = metrics or Metrics()
+    app = falcon.App(middleware=[RequestContext(metrics)], media_type=falcon.MEDIA_JSON)
+    # Bodies are read and parsed by the resources themselves, with a hard size cap.
+    app.req_options.auto_parse_form_urlencoded = False
+    app.resp_options.secure_cookies_by_default = True
+    errors.install(app)
+
+    limits = settings.limits
+    ready = ReadyResource(repository)
+    live = LiveResource()
+    models = ModelsResource(repository, limits)
+    predict = PredictResource(repository, limits)
+
+    app.add_route("/v2", ServerResource())
+    app.add_route("/v2/health/live", live)
+    app.add_route("/v2/health/ready", ready)
+    app.add_route("/healthz", live)
+    app.add_route("/readyz", ready)
+    app.add_route("/v2/models/{model}", models)
+    app.add_route("/v2/models/{model}/ready", models, suffix="ready")
+    app.add_route("/v2/models/{model}/infer", models, suffix="infer")
+    app.add_route("/v2/models/{model}/versions/{version}", models)
+    app.add_route("/v2/models/{model}/versions/{version}/ready", models, suffix="ready")
+    app.add_route("/v2/models/{model}/versions/{version}/infer", models, suffix="infer")
+    app.add_route("/v2/repository/index", RepositoryIndexResource(repository, limits))
+    app.add_route("/v1/models/{model}", ModelStatusResource(repository))
+    app.add_route("/v1/models/{model}:predict", predict)
+    app.add_route("/v1/models/{model}/versions/{version}:predict", predict,
+                  suffix="versioned")
+    app.add_route("/predict", predict)
+    if settings.metrics.enabled:
+        app.add_route("/metrics", MetricsResource(metrics))
+    app.add_route("/openapi.json", OpenApiResource(settings.metrics.enabled))
+    return app
+
+
+def runtime_options(settings: Settings) -> RuntimeOptions:
+    """Server-wide session options; ``model.toml`` may override them per model."""
+    return RuntimeOptions(
+        intra_op_threads=settings.effective_intra_op_threads(),
+        inter_op_threads=settings.server.inter_op_threads,
+        warmup_runs=settings.models.warmup_runs,
+        max_batch_rows=settings.limits.max_batch_rows,
+    )
+
+
+def build_repository(settings: Settings, metrics: Metrics | None = None,
+                     model_file: str = "", model_name: str = "") -> Repository:
+    """Scan the configured repository (or one model file) without loading sessions.
+
+    Raises:
+        RepositoryError: the repository cannot be served.
+    """
+    from pathlib import Path
+
+    observer = metrics.observe_inference if metrics else None
+    options = runtime_options(settings)
+    if model_file:
+        return Repository.single_file(Path(model_file), options, model_name or None, observer)
+    return Repository.scan(Path(settings.models.repository), options,
+                           settings.models.default_model, observer)
