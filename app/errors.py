@@ -98,7 +98,7 @@ def handle_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTT
     if status == 404:
         message = "no such route"
     elif status == 405:
-        allowed = (ex.headers or {}).get("Allow", "")
+        allowed = dict(ex.headers or {}).get("Allow", "")
         message = f"method {req.method} is not allowed here; allowed: {allowed}"
     render_error(req, resp, status, code, message, dict(ex.headers or {}))
 
@@ -110,9 +110,9 @@ def handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception,
     render_error(req, resp, 500, "INTERNAL", "internal error; the request id is in the logs")
 
 
-def install(app: falcon.App) -> None:
+def install(app: falcon.App[Any, Any]) -> None:
     """Register the handlers (Falcon picks the most specific class for each exception)."""
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(falcon.HTTPError, handle_http_error)
-    app.add_error_handler(ServingError, handle_serving_error)  # type: ignore[arg-type]
-    app.add_error_handler(ApiError, handle_api_error)  # type: ignore[arg-type]
+    app.add_error_handler(ServingError, handle_serving_error)
+    app.add_error_handler(ApiError, handle_api_error)

@@ -73,7 +73,7 @@ class Metrics:
         """The exposition text and its content type; all workers' values in multiprocess mode."""
         if multiprocess_enabled():
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             return generate_latest(registry), CONTENT_TYPE
         return generate_latest(self.registry), CONTENT_TYPE
 
@@ -81,4 +81,4 @@ class Metrics:
 def mark_process_dead(pid: int) -> None:
     """Drop a dead worker's live gauges (gunicorn ``child_exit`` hook)."""
     if multiprocess_enabled():
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import falcon
 
 from app import errors
@@ -18,7 +20,7 @@ from app.settings import Settings
 
 
 def create_app(settings: Settings, repository: Repository,
-               metrics: Metrics | None = None) -> falcon.App:
+               metrics: Metrics | None = None) -> falcon.App[Any, Any]:
     """Build the WSGI app around an already scanned repository.
 
     Args:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -10,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
 from app.models.errors import InferenceFailed, InvalidInput, PayloadTooLarge, RepositoryError
 from app.models.signature import ORT_TO_DATATYPE, TensorSpec, dims_from_ort
+
+log = structlog.get_logger(__name__)
+_NODE_RE = re.compile(r"while running (\w+) node")
 
 #: Called after every session run with (model name, version, seconds).
 InferenceObserver = Callable[[str, str, float], None]
@@ -220,8 +225,10 @@ class OnnxModel:
         try:
             results = self._session.run(names, dict(inputs))
         except Exception as exc:
+            log.warning("inference_failed", model=self.name, version=self.version_str,
+                        error=str(exc))
             raise InferenceFailed(
-                f"model {self.name!r} could not run on these inputs: {_first_line(exc)}"
+                f"model {self.name!r} could not run on these inputs{_client_message(exc)}"
             ) from None
         if self._observer is not None:
             self._observer(self.name, self.version_str, time.perf_counter() - start)
@@ -246,10 +253,8 @@ def synthetic_input(spec: TensorSpec) -> np.ndarray:
     return np.zeros(shape, dtype=spec.dtype)
 
 
-def _first_line(exc: Exception) -> str:
-    # onnxruntime messages start with "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ..." and
-    # can name source files of the runtime; keep only the human part of the first line.
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    parts = [p.strip() for p in text.split(" : ")]
-    text = parts[-1] if parts else text
-    return "".join(ch for ch in text if ch.isprintable())[:300]
+def _client_message(exc: Exception) -> str:
+    # onnxruntime's text names its source files and C++ internals; the client gets the
+    # operator that failed, the operator's log gets the full text.
+    match = _NODE_RE.search(str(exc))
+    return f" (the {match.group(1)} operator rejected them)" if match else ""

@@ -54,11 +54,18 @@ def array_from_json(name: str, data: Any, datatype: str, shape: tuple[int, ...])
     if raw.size != expected:
         raise InvalidInput(f"input {name!r}: 'data' has {raw.size} elements but shape "
                            f"{list(shape)} needs {expected}")
-    return coerce(name, raw, datatype).reshape(shape)
+    return coerce(name, raw, datatype, data).reshape(shape)
 
 
-def coerce(name: str, raw: np.ndarray, datatype: str) -> np.ndarray:
+def coerce(name: str, raw: np.ndarray, datatype: str, source: Any = None) -> np.ndarray:
     """Cast an array that numpy inferred from JSON to ``datatype``, refusing lossy casts.
+
+    Args:
+        name: Input name, for messages.
+        raw: What ``np.array`` made of the JSON value.
+        datatype: Target Open Inference Protocol datatype.
+        source: The JSON value itself; needed for integers beyond int64, which numpy infers
+            as float64 or object.
 
     Raises:
         InvalidInput: strings for numbers, floats for integers, numbers for strings, etc.
@@ -80,12 +87,24 @@ def coerce(name: str, raw: np.ndarray, datatype: str) -> np.ndarray:
         raise InvalidInput(f"input {name!r} is {datatype}: elements must be numbers, got "
                            f"{_kind_name(kind)}")
     if target.kind in _INT_KINDS:
-        if kind == "f":
-            raise InvalidInput(f"input {name!r} is {datatype}: elements must be integers")
-        info = np.iinfo(target)
+        info = np.iinfo(target)  # type: ignore[type-var]
+        if kind not in _INT_KINDS:
+            if source is None or kind not in "fO":
+                raise InvalidInput(f"input {name!r} is {datatype}: elements must be integers")
+            return _python_ints(name, source, datatype, info).reshape(raw.shape)
         if raw.min() < info.min or raw.max() > info.max:
             raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}")
     return raw.astype(target, copy=False)
+
+
+def _python_ints(name: str, source: Any, datatype: str, info: Any) -> np.ndarray:
+    # The slow path, taken only for integers numpy cannot infer exactly (beyond int64).
+    flat = np.array(source, dtype=object).reshape(-1)
+    if not all(type(v) is int for v in flat):
+        raise InvalidInput(f"input {name!r} is {datatype}: elements must be integers")
+    if min(flat) < info.min or max(flat) > info.max:
+        raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}")
+    return flat.astype(DATATYPE_TO_NUMPY[datatype])
 
 
 def _kind_name(kind: str) -> str:

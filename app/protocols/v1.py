@@ -53,7 +53,7 @@ def _column(spec: TensorSpec, rows: list[Any]) -> np.ndarray:
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise InvalidInput(f"input {spec.name!r}: instances are ragged or too deeply "
                            "nested") from None
-    array = coerce(spec.name, raw, spec.datatype)
+    array = coerce(spec.name, raw, spec.datatype, rows)
     if array.ndim == len(spec.shape) - 1 and spec.shape and spec.shape[-1] == 1:
         array = array[..., np.newaxis]
     return array

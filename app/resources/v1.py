@@ -1,4 +1,5 @@
-"""Simple JSON routes: ``/v1/models/{m}[/versions/{v}]:predict``, ``/v1/models/{m}``, ``/predict``."""
+"""Simple JSON routes: ``/v1/models/{m}[/versions/{v}]:predict``, ``/v1/models/{m}``,
+``/predict``."""
 
 from __future__ import annotations
 

@@ -1,0 +1,83 @@
+"""Shared fixtures: real repositories of real ONNX files, loaded once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import falcon.testing
+import pytest
+
+from app.metrics import Metrics
+from app.models.repository import Repository
+from app.settings import Settings, load_settings
+from app.wsgi import build_repository, create_app
+from tests import onnx_factory
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODELS = ROOT / "app" / "demo_models"
+
+
+def make_settings(repository: Path, **sections: dict[str, Any]) -> Settings:
+    """Settings from defaults (no file, no environment) with the given overrides."""
+    overrides: dict[str, dict[str, Any]] = {"models": {"repository": str(repository)}}
+    for section, values in sections.items():
+        overrides.setdefault(section, {}).update(values)
+    # /dev/null: an empty file, so a host-wide /etc/onnx-appliance/appliance.toml never leaks in.
+    return load_settings(Path(os.devnull), env={}, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def demo_settings() -> Settings:
+    return make_settings(DEMO_MODELS, models={"default_model": "tabular"})
+
+
+@pytest.fixture(scope="session")
+def demo_metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture(scope="session")
+def demo_repository(demo_settings: Settings, demo_metrics: Metrics) -> Repository:
+    repository = build_repository(demo_settings, demo_metrics)
+    repository.load()
+    return repository
+
+
+@pytest.fixture
+def client(demo_settings: Settings, demo_repository: Repository,
+           demo_metrics: Metrics) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(create_app(demo_settings, demo_repository, demo_metrics))
+
+
+@pytest.fixture(scope="session")
+def extra_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with the test models: every datatype, fixed dims, two inputs."""
+    root = tmp_path_factory.mktemp("repo")
+    onnx_factory.save(onnx_factory.identity_all_types(), root, "all_types")
+    onnx_factory.save(onnx_factory.fixed_shape(), root, "fixed")
+    onnx_factory.save(onnx_factory.two_inputs(), root, "two_inputs")
+    shutil.copytree(DEMO_MODELS / "tabular", root / "tabular")
+    return root
+
+
+@pytest.fixture(scope="session")
+def extra_settings(extra_models_dir: Path) -> Settings:
+    return make_settings(extra_models_dir, limits={"max_batch_rows": 64,
+                                                   "max_tensor_elements": 100_000})
+
+
+@pytest.fixture(scope="session")
+def extra_repository(extra_settings: Settings) -> Repository:
+    repository = build_repository(extra_settings)
+    repository.load()
+    return repository
+
+
+@pytest.fixture
+def extra_client(extra_settings: Settings,
+                 extra_repository: Repository) -> Iterator[falcon.testing.TestClient]:
+    yield falcon.testing.TestClient(create_app(extra_settings, extra_repository))

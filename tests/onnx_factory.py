@@ -1,0 +1,99 @@
+"""Small real ONNX models built with onnx.helper for tests: every datatype, fixed dims, etc."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# OIP datatype -> ONNX element type, for the identity model.
+ELEM_TYPES = {
+    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16, "INT32": TensorProto.INT32, "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def _model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def save(model: onnx.ModelProto, root: Path, name: str, version: int = 1) -> Path:
+    """Write ``model`` as ``root/name/version/model.onnx`` and return the file."""
+    target = root / name / str(version) / "model.onnx"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(model.SerializeToString())
+    return target
+
+
+def identity_all_types() -> onnx.ModelProto:
+    """One input ``x_<type>`` of shape [-1, 2] per datatype, echoed as ``y_<type>``."""
+    nodes, inputs, outputs = [], [], []
+    for dt, elem in ELEM_TYPES.items():
+        name = dt.lower()
+        inputs.append(helper.make_tensor_value_info(f"x_{name}", elem, ["batch", 2]))
+        outputs.append(helper.make_tensor_value_info(f"y_{name}", elem, ["batch", 2]))
+        nodes.append(helper.make_node("Identity", [f"x_{name}"], [f"y_{name}"]))
+    return _model(helper.make_graph(nodes, "all_types", inputs, outputs))
+
+
+def fixed_shape() -> onnx.ModelProto:
+    """float [2, 3] (no dynamic dims) -> doubled."""
+    two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
+    return _model(helper.make_graph(
+        [helper.make_node("Mul", ["x", "two"], ["y"])], "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], initializer=[two]))
+
+
+def two_inputs() -> onnx.ModelProto:
+    """a: float [-1, 3], b: float [-1, 3] -> sum: a + b, diff: a - b."""
+    return _model(helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Sub", ["a", "b"],
+                                                                          ["diff"])],
+        "two_inputs",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 3]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 3])],
+        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["n", 3]),
+         helper.make_tensor_value_info("diff", TensorProto.FLOAT, ["n", 3])]))
+
+
+def with_external_data(location: str) -> onnx.ModelProto:
+    """float [-1, 4] + bias, where the bias tensor claims to live in ``location``."""
+    bias = numpy_helper.from_array(np.arange(4, dtype=np.float32), "bias")
+    bias.data_location = TensorProto.EXTERNAL
+    bias.ClearField("raw_data")
+    entry = bias.external_data.add()
+    entry.key, entry.value = "location", location
+    length = bias.external_data.add()
+    length.key, length.value = "length", "16"
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "bias"], ["y"])], "external",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], initializer=[bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def zipmap_classifier() -> onnx.ModelProto:
+    """A model whose output is a sequence of maps, which the server must refuse."""
+    graph = helper.make_graph(
+        [helper.make_node("ZipMap", ["x"], ["y"], domain="ai.onnx.ml",
+                          classlabels_int64s=[0, 1])], "zipmap",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_sequence_value_info("y", TensorProto.FLOAT, None)])
+    graph.output[0].type.CopyFrom(helper.make_sequence_type_proto(
+        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(
+            TensorProto.FLOAT, []))))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    return model
