@@ -1,0 +1,76 @@
+"""One model version: signature, validation, prediction and warm-up on real sessions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.models.errors import InvalidInput, PayloadTooLarge, RepositoryError
+from app.models.onnx import ModelState, OnnxModel, RuntimeOptions
+from tests import onnx_factory
+from tests.conftest import DEMO_MODELS
+
+
+def load(path: Path, **options: int) -> OnnxModel:
+    model = OnnxModel("m", 1, path, RuntimeOptions(**options))
+    model.load()
+    return model
+
+
+def test_signature_from_the_model() -> None:
+    model = load(DEMO_MODELS / "mlp" / "1" / "model.onnx")
+    assert [(s.name, s.datatype, s.shape) for s in model.inputs] == [("input", "FP32",
+                                                                       (-1, 256))]
+    assert [(s.name, s.datatype, s.shape) for s in model.outputs] == [("logits", "FP32",
+                                                                        (-1, 10))]
+    assert model.state is ModelState.READY
+
+
+def test_validation_and_batch_limit() -> None:
+    model = load(DEMO_MODELS / "regression" / "1" / "model.onnx", max_batch_rows=4)
+    ok = np.zeros((4, 10), dtype=np.float32)
+    assert model.predict({"input": ok})["variable"].shape == (4, 1)
+    with pytest.raises(PayloadTooLarge):
+        model.predict({"input": np.zeros((5, 10), dtype=np.float32)})
+    with pytest.raises(InvalidInput, match="FP32"):
+        model.predict({"input": ok.astype(np.float64)})
+    with pytest.raises(InvalidInput, match="missing"):
+        model.predict({})
+    with pytest.raises(InvalidInput, match="no input 'x'"):
+        model.predict({"input": ok, "x": ok})
+    with pytest.raises(InvalidInput, match="no output"):
+        model.predict({"input": ok}, ["nope"])
+
+
+def test_inference_observer_sees_every_run() -> None:
+    seen: list[tuple[str, str]] = []
+    model = OnnxModel("reg", 3, DEMO_MODELS / "regression" / "1" / "model.onnx",
+                      RuntimeOptions(warmup_runs=2),
+                      observer=lambda name, version, seconds: seen.append((name, version)))
+    model.load()
+    assert seen == []  # warm-up is not traffic
+    model.predict({"input": np.zeros((1, 10), dtype=np.float32)})
+    assert seen == [("reg", "3")]
+
+
+def test_warmup_failure_refuses_the_model(tmp_path: Path) -> None:
+    # Reshape to [3] fails for any batch-1 input of 2 x 2 elements.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    shape = numpy_helper.from_array(np.array([3], dtype=np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], initializer=[shape])
+    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model_proto.ir_version = 8
+    path = onnx_factory.save(model_proto, tmp_path, "bad")
+    onnx.checker.check_model(model_proto)
+    model = OnnxModel("bad", 1, path, RuntimeOptions(warmup_runs=1))
+    with pytest.raises(RepositoryError, match="warm-up inference failed"):
+        model.load()
+    assert not model.ready
+    load(path, warmup_runs=0)  # opting out of warm-up lets it load

@@ -1,0 +1,176 @@
+"""Repository scanning, versions, model.toml and refusal of anything escaping the repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
+from app.models.onnx import RuntimeOptions
+from app.models.repository import Repository
+from tests import onnx_factory
+from tests.conftest import DEMO_MODELS
+
+OPTS = RuntimeOptions(warmup_runs=1)
+
+
+def scan(root: Path) -> Repository:
+    return Repository.scan(root, OPTS)
+
+
+def test_demo_repository_layout() -> None:
+    repo = scan(DEMO_MODELS)
+    assert repo.names == ["mlp", "regression", "sentiment", "tabular"]
+    assert repo.entry("tabular").default_version == 2  # from model.toml
+    assert repo.entry("tabular").config.labels == ["malignant", "benign"]
+    assert not repo.ready
+
+
+def test_newest_version_is_default(tmp_path: Path) -> None:
+    for version in (1, 3, 10):
+        onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "m", version)
+    (tmp_path / "m" / "notes").mkdir()  # non-numeric folders are not versions
+    (tmp_path / ".hidden").mkdir()
+    (tmp_path / "README.txt").write_text("not a model")
+    repo = scan(tmp_path)
+    repo.load()
+    assert repo.get("m").version == 10
+    assert repo.get("m", "3").version == 3
+    assert [m.version for m in repo.models()] == [1, 3, 10]
+
+
+@pytest.mark.parametrize("version", ["4", "0", "01", "abc", "..", "1e3", "-1", ""])
+def test_unknown_versions(tmp_path: Path, version: str) -> None:
+    onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "m")
+    repo = scan(tmp_path)
+    repo.load()
+    with pytest.raises(ModelNotFound):
+        repo.get("m", version)
+
+
+def test_not_ready_before_load(tmp_path: Path) -> None:
+    onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "m")
+    with pytest.raises(ModelNotReady):
+        scan(tmp_path).get("m")
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/b", "", "nope"])
+def test_unknown_names(name: str) -> None:
+    with pytest.raises(ModelNotFound):
+        scan(DEMO_MODELS).get(name)
+
+
+@pytest.mark.parametrize(("toml", "fragment"), [
+    ("default_verison = 1\n", "default_verison"),
+    ("default_version = 7\n", "default_version 7 does not exist"),
+    ("intra_op_threads = 0\n", "intra_op_threads"),
+    ("warmup_runs = -1\n", "warmup_runs"),
+    ("labels = 3\n", "labels"),
+    ("default_version = \n", "unreadable"),
+])
+def test_bad_model_toml(tmp_path: Path, toml: str, fragment: str) -> None:
+    onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "m")
+    (tmp_path / "m" / "model.toml").write_text(toml)
+    with pytest.raises(RepositoryError, match=fragment):
+        scan(tmp_path)
+
+
+def test_per_model_limits_and_threads(tmp_path: Path) -> None:
+    onnx_factory.save(onnx_factory.two_inputs(), tmp_path, "m")
+    (tmp_path / "m" / "model.toml").write_text("max_batch_rows = 2\nintra_op_threads = 1\n"
+                                               "warmup_runs = 0\n")
+    model = next(scan(tmp_path).models())
+    assert model.options.max_batch_rows == 2
+    assert model.options.warmup_runs == 0
+
+
+@pytest.mark.parametrize(("layout", "fragment"), [
+    ("empty", "holds no models"),
+    ("no_versions", "has no version folders"),
+    ("no_model_file", "has no model.onnx"),
+    ("bad_name", "invalid name"),
+    ("corrupt", "not a readable ONNX model"),
+])
+def test_bad_layouts(tmp_path: Path, layout: str, fragment: str) -> None:
+    if layout == "no_versions":
+        (tmp_path / "m").mkdir()
+    elif layout == "no_model_file":
+        (tmp_path / "m" / "1").mkdir(parents=True)
+    elif layout == "bad_name":
+        onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "bad name")
+    elif layout == "corrupt":
+        (tmp_path / "m" / "1").mkdir(parents=True)
+        (tmp_path / "m" / "1" / "model.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(RepositoryError, match=fragment):
+        scan(tmp_path)
+
+
+def test_missing_repository(tmp_path: Path) -> None:
+    with pytest.raises(RepositoryError, match="does not exist"):
+        scan(tmp_path / "missing")
+
+
+def test_external_data_inside_the_version_folder_is_served(tmp_path: Path) -> None:
+    path = onnx_factory.save(onnx_factory.with_external_data("bias.bin"), tmp_path, "ext")
+    (path.parent / "bias.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    repo = scan(tmp_path)
+    repo.load()
+    out = repo.get("ext").predict({"x": np.zeros((1, 4), dtype=np.float32)})
+    assert out["y"].tolist() == [[0.0, 1.0, 2.0, 3.0]]
+
+
+@pytest.mark.parametrize("location", ["../../secret.bin", "../secret.bin", "/etc/passwd",
+                                      "sub/../../secret.bin", "link.bin", "missing.bin"])
+def test_external_data_outside_is_refused(tmp_path: Path, location: str) -> None:
+    root = tmp_path / "repo"
+    path = onnx_factory.save(onnx_factory.with_external_data(location), root, "ext")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 16)
+    shutil.copy(secret, root / "secret.bin")
+    shutil.copy(secret, root / "ext" / "secret.bin")
+    (path.parent / "link.bin").symlink_to(secret)
+    with pytest.raises(RepositoryError, match="external data"):
+        scan(root)
+
+
+def test_symlinks_out_of_the_repository_are_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    onnx_factory.save(onnx_factory.fixed_shape(), outside, "m")
+    root = tmp_path / "repo"
+    root.mkdir()
+    os.symlink(outside / "m", root / "m")
+    with pytest.raises(RepositoryError, match="outside the repository"):
+        scan(root)
+    os.remove(root / "m")
+    (root / "m" / "1").mkdir(parents=True)
+    os.symlink(outside / "m" / "1" / "model.onnx", root / "m" / "1" / "model.onnx")
+    with pytest.raises(RepositoryError, match="outside its folder"):
+        scan(root)
+
+
+def test_map_outputs_are_refused_with_a_hint(tmp_path: Path) -> None:
+    onnx_factory.save(onnx_factory.zipmap_classifier(), tmp_path, "zm")
+    repo = scan(tmp_path)
+    with pytest.raises(RepositoryError, match="zipmap=False"):
+        repo.load()
+    assert not repo.ready
+
+
+def test_single_file(tmp_path: Path) -> None:
+    path = tmp_path / "my-model.onnx"
+    path.write_bytes(onnx_factory.fixed_shape().SerializeToString())
+    repo = Repository.single_file(path, OPTS)
+    repo.load()
+    assert repo.names == ["my-model"]
+    assert repo.default_model == "my-model"
+    with pytest.raises(RepositoryError, match="does not exist"):
+        Repository.single_file(tmp_path / "nope.onnx", OPTS)
+
+
+def test_default_model_must_exist() -> None:
+    with pytest.raises(RepositoryError, match="default_model"):
+        Repository.scan(DEMO_MODELS, OPTS, default_model="nope")
