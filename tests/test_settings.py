@@ -70,7 +70,7 @@ def test_bad_settings_give_one_line(tmp_path: Path, text: str, env: dict[str, st
 
 def test_missing_model_directory(tmp_path: Path) -> None:
     path = write(tmp_path, f'[models]\nrepository = "{tmp_path / "missing"}"\n')
-    with pytest.raises(SettingsError, match="models.repository .* does not exist"):
+    with pytest.raises(SettingsError, match=r"models\.repository .* does not exist"):
         load_settings(path, env={})
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -142,12 +141,12 @@ def test_symlinks_out_of_the_repository_are_refused(tmp_path: Path) -> None:
     onnx_factory.save(onnx_factory.fixed_shape(), outside, "m")
     root = tmp_path / "repo"
     root.mkdir()
-    os.symlink(outside / "m", root / "m")
+    (root / "m").symlink_to(outside / "m")
     with pytest.raises(RepositoryError, match="outside the repository"):
         scan(root)
-    os.remove(root / "m")
+    (root / "m").unlink()
     (root / "m" / "1").mkdir(parents=True)
-    os.symlink(outside / "m" / "1" / "model.onnx", root / "m" / "1" / "model.onnx")
+    (root / "m" / "1" / "model.onnx").symlink_to(outside / "m" / "1" / "model.onnx")
     with pytest.raises(RepositoryError, match="outside its folder"):
         scan(root)
 
