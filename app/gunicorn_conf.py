@@ -115,5 +115,5 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
             log.error("worker_boot_failed", error=str(exc))
             raise SystemExit(WORKER_BOOT_ERROR) from None
         metrics.models_loaded.set(sum(1 for _ in repository.models()))
-        log.info("worker_ready", pid=os.getpid(), models=repository.names)
+        log.info("worker_ready", models=repository.names)
         return create_app(self.settings, repository, metrics)

@@ -7,6 +7,7 @@ timestamp, the level, the event and whatever is bound in contextvars (``request_
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -18,10 +19,17 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
+def _add_pid(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    # Which gunicorn worker wrote the line; read per call because workers fork.
+    event["pid"] = os.getpid()
+    return event
+
+
 def _shared_processors() -> list[Any]:
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
+        _add_pid,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,

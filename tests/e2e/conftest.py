@@ -1,0 +1,131 @@
+"""Real servers for end-to-end tests: the CLI starts gunicorn with real workers."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import DEMO_MODELS
+
+CLI = str(Path(sys.executable).with_name("onnx-appliance"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket, the way NGINX will talk to the app."""
+
+    def __init__(self, path: str, timeout: float = 10) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+@dataclass
+class Server:
+    """A running ``onnx-appliance serve`` process."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    socket_path: str
+    metrics_dir: Path
+    log_path: Path
+    started: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        """Every stderr line, parsed; fails the test if one is not JSON."""
+        lines = []
+        for raw in self.log_path.read_text().splitlines():
+            lines.append(json.loads(raw))
+        return lines
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        return int(self.process.returncode)
+
+
+def wait_ready(server: Server, timeout: float = 90) -> float:
+    """Poll readiness over TCP; return the time of the first 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(f"server exited early:\n{server.log_path.read_text()}")
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        try:
+            conn.request("GET", "/v2/health/ready")
+            if conn.getresponse().status == 200:
+                return time.time()
+        except OSError:
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.05)
+    raise AssertionError(f"server not ready in {timeout}s:\n{server.log_path.read_text()}")
+
+
+@contextlib.contextmanager
+def run_server(tmp: Path, *args: str, config: str = "", models: Path = DEMO_MODELS,
+               workers: int = 2, wait: bool = True) -> Iterator[Server]:
+    """Start the CLI with a config in ``tmp``; stop it (SIGTERM) afterwards."""
+    port = free_port()
+    socket_path = str(tmp / "app.sock")
+    metrics_dir = tmp / "metrics"
+    config_path = tmp / "appliance.toml"
+    config_path.write_text(
+        f'[server]\nbind = ["127.0.0.1:{port}", "unix:{socket_path}"]\nworkers = {workers}\n'
+        f'[models]\nrepository = "{models}"\ndefault_model = "tabular"\n'
+        f'[metrics]\nmultiproc_dir = "{metrics_dir}"\n' + config)
+    log_path = tmp / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONNX_APPLIANCE_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    with log_path.open("wb") as log:
+        started = time.time()
+        process = subprocess.Popen([CLI, "serve", "--config", str(config_path), *args],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = Server(process, port, socket_path, metrics_dir, log_path, started)
+    try:
+        if wait:
+            server.extra["ready_at"] = wait_ready(server)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Two workers on the demo models, over TCP and a unix socket."""
+    with run_server(tmp_path_factory.mktemp("server")) as running:
+        yield running
