@@ -8,6 +8,7 @@ gunicorn's ``child_exit`` hook marks dead workers so their live gauges drop out.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -64,10 +65,15 @@ class Metrics:
             f"{PREFIX}_build_info", "Always 1; the label carries the appliance version.",
             ["version"], registry=r, multiprocess_mode="livemax")
         self.build_info.labels(__version__).set(1)
+        self._inference_children: dict[tuple[str, str], Any] = {}
 
     def observe_inference(self, model: str, version: str, seconds: float) -> None:
         """Record one session run (the serving layer's inference observer)."""
-        self.inference_duration.labels(model, version).observe(seconds)
+        child = self._inference_children.get((model, version))
+        if child is None:
+            child = self._inference_children[(model, version)] = (
+                self.inference_duration.labels(model, version))
+        child.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type; all workers' values in multiprocess mode."""

@@ -38,6 +38,7 @@ class RequestContext:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        self._children: dict[tuple[str, str, int, str, str], tuple[Any, Any]] = {}
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Start the clock and bind the request id."""
@@ -60,8 +61,19 @@ class RequestContext:
         method = req.method if req.method in _METHODS else "other"
         status = resp.status_code
         self._metrics.in_flight.dec()
-        self._metrics.requests.labels(route, method, str(status), ctx.model, ctx.version).inc()
-        self._metrics.request_duration.labels(route, ctx.model).observe(duration)
+        key = (route, method, status, ctx.model, ctx.version)
+        children = self._children.get(key)
+        if children is None:
+            # labels() costs more than the increment itself; every label here comes from a
+            # bounded set (route templates, known models), so the cache stays small.
+            children = (
+                self._metrics.requests.labels(route, method, str(status), ctx.model,
+                                              ctx.version),
+                self._metrics.request_duration.labels(route, ctx.model),
+            )
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(duration)
         emit = log.debug if route in _QUIET_ROUTES and status < 400 else log.info
         emit("request", method=method, route=route, status=status,
              duration_ms=round(duration * 1000, 3), model=ctx.model or None,
