@@ -77,3 +77,16 @@ def test_missing_model_directory(tmp_path: Path) -> None:
 def test_explicit_config_must_exist(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="does not exist"):
         load_settings(tmp_path / "nope.toml", env={})
+
+
+def test_documented_example_matches_the_defaults() -> None:
+    from app.settings import Settings
+
+    example = Path(__file__).resolve().parents[1] / "packaging" / "appliance.toml"
+    documented = load_settings(example, env={}, check_repository=False)
+    assert documented == Settings()
+    text = example.read_text()
+    for section in Settings.__struct_fields__:
+        assert f"[{section}]" in text
+        for field in getattr(Settings(), section).__struct_fields__:
+            assert f"\n{field} = " in text, f"{section}.{field} is not documented"
