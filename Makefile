@@ -30,15 +30,17 @@ run: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check app
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 format: $(VENV)/.dev
+	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 # Rebuild the bundled demo models from their training script (needs the dev tools).

@@ -34,9 +34,15 @@ STATUS_BY_CODE: dict[str, int] = {
     "TIMEOUT": 504,
 }
 _CODE_BY_STATUS = {
-    400: "INVALID_INPUT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
-    413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE", 429: "RATE_LIMITED",
-    503: "OVERLOADED", 504: "TIMEOUT",
+    400: "INVALID_INPUT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    429: "RATE_LIMITED",
+    503: "OVERLOADED",
+    504: "TIMEOUT",
 }
 #: Seconds a client should wait before retrying a 503.
 RETRY_AFTER_SECONDS = "1"
@@ -77,20 +83,21 @@ def render_error(
         resp.set_header(name, value)
 
 
-def handle_serving_error(req: falcon.Request, resp: falcon.Response, ex: ServingError,
-                         params: Any) -> None:
+def handle_serving_error(
+    req: falcon.Request, resp: falcon.Response, ex: ServingError, params: Any
+) -> None:
     """Map a domain error to its status."""
     render_error(req, resp, STATUS_BY_CODE.get(ex.code, 500), ex.code, ex.message)
 
 
-def handle_api_error(req: falcon.Request, resp: falcon.Response, ex: ApiError,
-                     params: Any) -> None:
+def handle_api_error(req: falcon.Request, resp: falcon.Response, ex: ApiError, params: Any) -> None:
     """Render an HTTP-level error raised by a resource or middleware."""
     render_error(req, resp, STATUS_BY_CODE.get(ex.code, 500), ex.code, ex.message, ex.headers)
 
 
-def handle_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError,
-                      params: Any) -> None:
+def handle_http_error(
+    req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: Any
+) -> None:
     """Render Falcon's own errors (404 route, 405 method...) in the same JSON shape."""
     status = ex.status_code
     code = _CODE_BY_STATUS.get(status, "INTERNAL" if status >= 500 else "INVALID_INPUT")
@@ -103,8 +110,9 @@ def handle_http_error(req: falcon.Request, resp: falcon.Response, ex: falcon.HTT
     render_error(req, resp, status, code, message, dict(ex.headers or {}))
 
 
-def handle_unexpected(req: falcon.Request, resp: falcon.Response, ex: Exception,
-                      params: Any) -> None:
+def handle_unexpected(
+    req: falcon.Request, resp: falcon.Response, ex: Exception, params: Any
+) -> None:
     """Log the traceback for the operator; tell the client only that it failed."""
     log.exception("unhandled_error", error_type=type(ex).__name__)
     render_error(req, resp, 500, "INTERNAL", "internal error; the request id is in the logs")

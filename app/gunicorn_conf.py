@@ -71,9 +71,13 @@ def child_exit(server: Any, worker: Any) -> None:
 def when_ready(server: Any) -> None:
     """Say where the master listens; workers then log each model as it becomes ready."""
     app: ApplianceApplication = server.app
-    log.info("listening", addresses=[str(lst) for lst in server.LISTENERS],
-             workers=app.settings.effective_workers(), models=app.model_names,
-             cores=cpu_count())
+    log.info(
+        "listening",
+        addresses=[str(lst) for lst in server.LISTENERS],
+        workers=app.settings.effective_workers(),
+        models=app.model_names,
+        cores=cpu_count(),
+    )
 
 
 class ApplianceApplication(BaseApplication):  # type: ignore[misc]
@@ -86,8 +90,9 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
         model_name: Name for ``model_file`` (default: the file's stem).
     """
 
-    def __init__(self, settings: Settings, model_names: list[str], model_file: str = "",
-                 model_name: str = "") -> None:
+    def __init__(
+        self, settings: Settings, model_names: list[str], model_file: str = "", model_name: str = ""
+    ) -> None:
         self.settings = settings
         self.model_names = model_names
         self.model_file = model_file
@@ -106,8 +111,7 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
 
         metrics = Metrics()
         try:
-            repository = build_repository(self.settings, metrics, self.model_file,
-                                          self.model_name)
+            repository = build_repository(self.settings, metrics, self.model_file, self.model_name)
             repository.load()
         except RepositoryError as exc:
             # One line instead of a traceback; exit status 3 makes the master halt

@@ -15,8 +15,12 @@ import orjson
 import structlog
 from gunicorn.glogging import Logger as GunicornBaseLogger
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def _add_pid(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -55,8 +59,11 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         processors=[*_shared_processors(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         # orjson renders bytes; the console renderer renders str.
-        logger_factory=(structlog.BytesLoggerFactory(sys.stderr.buffer) if fmt == "json"
-                        else structlog.PrintLoggerFactory(sys.stderr)),
+        logger_factory=(
+            structlog.BytesLoggerFactory(sys.stderr.buffer)
+            if fmt == "json"
+            else structlog.PrintLoggerFactory(sys.stderr)
+        ),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
@@ -70,8 +77,10 @@ def stdlib_formatter(fmt: str = "json") -> logging.Formatter:
     """A formatter that renders standard-library records with the structlog chain."""
     renderer = _renderer(fmt)
     if fmt == "json":
+
         def render_str(logger: Any, name: str, event: Any) -> str:
             return renderer(logger, name, event).decode()  # type: ignore[no-any-return]
+
         final: Any = render_str
     else:
         final = renderer

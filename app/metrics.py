@@ -25,8 +25,22 @@ from app import __version__
 PREFIX = "onnx_appliance"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                    2.5, 5.0, 10.0)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 
 
 def multiprocess_enabled() -> bool:
@@ -45,25 +59,44 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            f"{PREFIX}_requests", "HTTP requests answered, by route, method, status and model.",
-            ["route", "method", "status", "model", "version"], registry=r)
+            f"{PREFIX}_requests",
+            "HTTP requests answered, by route, method, status and model.",
+            ["route", "method", "status", "model", "version"],
+            registry=r,
+        )
         self.request_duration = Histogram(
             f"{PREFIX}_request_duration_seconds",
             "Time from request received to response ready, by route and model.",
-            ["route", "model"], buckets=_LATENCY_BUCKETS, registry=r)
+            ["route", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inference_duration = Histogram(
             f"{PREFIX}_inference_duration_seconds",
             "Time spent in onnxruntime per session run, by model and version.",
-            ["model", "version"], buckets=_LATENCY_BUCKETS, registry=r)
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge(
-            f"{PREFIX}_requests_in_flight", "Requests being handled right now.",
-            registry=r, multiprocess_mode="livesum")
+            f"{PREFIX}_requests_in_flight",
+            "Requests being handled right now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.models_loaded = Gauge(
-            f"{PREFIX}_models_loaded", "Model versions loaded and warmed up in each live worker.",
-            registry=r, multiprocess_mode="livemax")
+            f"{PREFIX}_models_loaded",
+            "Model versions loaded and warmed up in each live worker.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.build_info = Gauge(
-            f"{PREFIX}_build_info", "Always 1; the label carries the appliance version.",
-            ["version"], registry=r, multiprocess_mode="livemax")
+            f"{PREFIX}_build_info",
+            "Always 1; the label carries the appliance version.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.build_info.labels(__version__).set(1)
         self._inference_children: dict[tuple[str, str], Any] = {}
 
@@ -71,8 +104,9 @@ class Metrics:
         """Record one session run (the serving layer's inference observer)."""
         child = self._inference_children.get((model, version))
         if child is None:
-            child = self._inference_children[(model, version)] = (
-                self.inference_duration.labels(model, version))
+            child = self._inference_children[(model, version)] = self.inference_duration.labels(
+                model, version
+            )
         child.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:

@@ -16,8 +16,9 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
 # Probes and scrapes arrive every few seconds; log them only at debug level.
-_QUIET_ROUTES = frozenset({"/v2/health/live", "/v2/health/ready", "/healthz", "/readyz",
-                           "/metrics"})
+_QUIET_ROUTES = frozenset(
+    {"/v2/health/live", "/v2/health/ready", "/healthz", "/readyz", "/metrics"}
+)
 
 log = structlog.get_logger("app.access")
 
@@ -51,8 +52,9 @@ class RequestContext:
         structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
         self._metrics.in_flight.inc()
 
-    def process_response(self, req: falcon.Request, resp: falcon.Response, resource: Any,
-                         req_succeeded: bool) -> None:
+    def process_response(
+        self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
+    ) -> None:
         """Echo the request id, record metrics and write the request's log line."""
         ctx = req.context
         resp.set_header(REQUEST_ID_HEADER, ctx.request_id)
@@ -67,14 +69,19 @@ class RequestContext:
             # labels() costs more than the increment itself; every label here comes from a
             # bounded set (route templates, known models), so the cache stays small.
             children = (
-                self._metrics.requests.labels(route, method, str(status), ctx.model,
-                                              ctx.version),
+                self._metrics.requests.labels(route, method, str(status), ctx.model, ctx.version),
                 self._metrics.request_duration.labels(route, ctx.model),
             )
             self._children[key] = children
         children[0].inc()
         children[1].observe(duration)
         emit = log.debug if route in _QUIET_ROUTES and status < 400 else log.info
-        emit("request", method=method, route=route, status=status,
-             duration_ms=round(duration * 1000, 3), model=ctx.model or None,
-             version=ctx.version or None)
+        emit(
+            "request",
+            method=method,
+            route=route,
+            status=status,
+            duration_ms=round(duration * 1000, 3),
+            model=ctx.model or None,
+            version=ctx.version or None,
+        )

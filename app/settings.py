@@ -166,7 +166,7 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
-        key = name[len(ENV_PREFIX):].lower()
+        key = name[len(ENV_PREFIX) :].lower()
         section, sep, field = key.partition("__")
         if not sep or section not in sections or not field:
             raise SettingsError(
@@ -179,11 +179,15 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
 def _check(settings: Settings, check_repository: bool) -> None:
     s = settings.server
     positive = {
-        "server.workers": (s.workers, 0), "server.threads": (s.threads, 1),
+        "server.workers": (s.workers, 0),
+        "server.threads": (s.threads, 1),
         "server.intra_op_threads": (s.intra_op_threads, 0),
-        "server.inter_op_threads": (s.inter_op_threads, 1), "server.timeout": (s.timeout, 1),
-        "server.graceful_timeout": (s.graceful_timeout, 1), "server.keepalive": (s.keepalive, 0),
-        "server.backlog": (s.backlog, 1), "server.max_requests": (s.max_requests, 0),
+        "server.inter_op_threads": (s.inter_op_threads, 1),
+        "server.timeout": (s.timeout, 1),
+        "server.graceful_timeout": (s.graceful_timeout, 1),
+        "server.keepalive": (s.keepalive, 0),
+        "server.backlog": (s.backlog, 1),
+        "server.max_requests": (s.max_requests, 0),
         "server.max_requests_jitter": (s.max_requests_jitter, 0),
         "models.warmup_runs": (settings.models.warmup_runs, 0),
         "limits.max_body_bytes": (settings.limits.max_body_bytes, 1),

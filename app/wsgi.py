@@ -19,8 +19,9 @@ from app.resources.v2 import ModelsResource, RepositoryIndexResource
 from app.settings import Settings
 
 
-def create_app(settings: Settings, repository: Repository,
-               metrics: Metrics | None = None) -> falcon.App[Any, Any]:
+def create_app(
+    settings: Settings, repository: Repository, metrics: Metrics | None = None
+) -> falcon.App[Any, Any]:
     """Build the WSGI app around an already scanned repository.
 
     Args:
@@ -58,8 +59,7 @@ def create_app(settings: Settings, repository: Repository,
     app.add_route("/v2/repository/index", RepositoryIndexResource(repository, limits))
     app.add_route("/v1/models/{model}", ModelStatusResource(repository))
     app.add_route("/v1/models/{model}:predict", predict)
-    app.add_route("/v1/models/{model}/versions/{version}:predict", predict,
-                  suffix="versioned")
+    app.add_route("/v1/models/{model}/versions/{version}:predict", predict, suffix="versioned")
     app.add_route("/predict", predict)
     if settings.metrics.enabled:
         app.add_route("/metrics", MetricsResource(metrics))
@@ -77,8 +77,9 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
     )
 
 
-def build_repository(settings: Settings, metrics: Metrics | None = None,
-                     model_file: str = "", model_name: str = "") -> Repository:
+def build_repository(
+    settings: Settings, metrics: Metrics | None = None, model_file: str = "", model_name: str = ""
+) -> Repository:
     """Scan the configured repository (or one model file) without loading sessions.
 
     Raises:
@@ -90,5 +91,6 @@ def build_repository(settings: Settings, metrics: Metrics | None = None,
     options = runtime_options(settings)
     if model_file:
         return Repository.single_file(Path(model_file), options, model_name or None, observer)
-    return Repository.scan(Path(settings.models.repository), options,
-                           settings.models.default_model, observer)
+    return Repository.scan(
+        Path(settings.models.repository), options, settings.models.default_model, observer
+    )

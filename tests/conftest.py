@@ -48,8 +48,9 @@ def demo_repository(demo_settings: Settings, demo_metrics: Metrics) -> Repositor
 
 
 @pytest.fixture
-def client(demo_settings: Settings, demo_repository: Repository,
-           demo_metrics: Metrics) -> falcon.testing.TestClient:
+def client(
+    demo_settings: Settings, demo_repository: Repository, demo_metrics: Metrics
+) -> falcon.testing.TestClient:
     return falcon.testing.TestClient(create_app(demo_settings, demo_repository, demo_metrics))
 
 
@@ -66,8 +67,9 @@ def extra_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def extra_settings(extra_models_dir: Path) -> Settings:
-    return make_settings(extra_models_dir, limits={"max_batch_rows": 64,
-                                                   "max_tensor_elements": 100_000})
+    return make_settings(
+        extra_models_dir, limits={"max_batch_rows": 64, "max_tensor_elements": 100_000}
+    )
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +80,7 @@ def extra_repository(extra_settings: Settings) -> Repository:
 
 
 @pytest.fixture
-def extra_client(extra_settings: Settings,
-                 extra_repository: Repository) -> Iterator[falcon.testing.TestClient]:
+def extra_client(
+    extra_settings: Settings, extra_repository: Repository
+) -> Iterator[falcon.testing.TestClient]:
     yield falcon.testing.TestClient(create_app(extra_settings, extra_repository))

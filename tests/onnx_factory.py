@@ -10,10 +10,18 @@ from onnx import TensorProto, helper, numpy_helper
 
 # OIP datatype -> ONNX element type, for the identity model.
 ELEM_TYPES = {
-    "BOOL": TensorProto.BOOL, "UINT8": TensorProto.UINT8, "UINT16": TensorProto.UINT16,
-    "UINT32": TensorProto.UINT32, "UINT64": TensorProto.UINT64, "INT8": TensorProto.INT8,
-    "INT16": TensorProto.INT16, "INT32": TensorProto.INT32, "INT64": TensorProto.INT64,
-    "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT, "FP64": TensorProto.DOUBLE,
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
     "BYTES": TensorProto.STRING,
 }
 
@@ -47,22 +55,36 @@ def identity_all_types() -> onnx.ModelProto:
 def fixed_shape() -> onnx.ModelProto:
     """float [2, 3] (no dynamic dims) -> doubled."""
     two = numpy_helper.from_array(np.array(2.0, dtype=np.float32), "two")
-    return _model(helper.make_graph(
-        [helper.make_node("Mul", ["x", "two"], ["y"])], "fixed",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], initializer=[two]))
+    return _model(
+        helper.make_graph(
+            [helper.make_node("Mul", ["x", "two"], ["y"])],
+            "fixed",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+            initializer=[two],
+        )
+    )
 
 
 def two_inputs() -> onnx.ModelProto:
     """a: float [-1, 3], b: float [-1, 3] -> sum: a + b, diff: a - b."""
-    return _model(helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Sub", ["a", "b"],
-                                                                          ["diff"])],
-        "two_inputs",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 3]),
-         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 3])],
-        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["n", 3]),
-         helper.make_tensor_value_info("diff", TensorProto.FLOAT, ["n", 3])]))
+    return _model(
+        helper.make_graph(
+            [
+                helper.make_node("Add", ["a", "b"], ["sum"]),
+                helper.make_node("Sub", ["a", "b"], ["diff"]),
+            ],
+            "two_inputs",
+            [
+                helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", 3]),
+                helper.make_tensor_value_info("b", TensorProto.FLOAT, ["n", 3]),
+            ],
+            [
+                helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["n", 3]),
+                helper.make_tensor_value_info("diff", TensorProto.FLOAT, ["n", 3]),
+            ],
+        )
+    )
 
 
 def with_external_data(location: str) -> onnx.ModelProto:
@@ -75,9 +97,12 @@ def with_external_data(location: str) -> onnx.ModelProto:
     length = bias.external_data.add()
     length.key, length.value = "length", "16"
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "bias"], ["y"])], "external",
+        [helper.make_node("Add", ["x", "bias"], ["y"])],
+        "external",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], initializer=[bias])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        initializer=[bias],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -86,14 +111,20 @@ def with_external_data(location: str) -> onnx.ModelProto:
 def zipmap_classifier() -> onnx.ModelProto:
     """A model whose output is a sequence of maps, which the server must refuse."""
     graph = helper.make_graph(
-        [helper.make_node("ZipMap", ["x"], ["y"], domain="ai.onnx.ml",
-                          classlabels_int64s=[0, 1])], "zipmap",
+        [helper.make_node("ZipMap", ["x"], ["y"], domain="ai.onnx.ml", classlabels_int64s=[0, 1])],
+        "zipmap",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
-        [helper.make_tensor_sequence_value_info("y", TensorProto.FLOAT, None)])
-    graph.output[0].type.CopyFrom(helper.make_sequence_type_proto(
-        helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(
-            TensorProto.FLOAT, []))))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("ai.onnx.ml", 3)])
+        [helper.make_tensor_sequence_value_info("y", TensorProto.FLOAT, None)],
+    )
+    graph.output[0].type.CopyFrom(
+        helper.make_sequence_type_proto(
+            helper.make_map_type_proto(
+                TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])
+            )
+        )
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    )
     model.ir_version = 8
     return model

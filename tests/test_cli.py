@@ -15,8 +15,9 @@ CLI = [str(Path(sys.executable).with_name("onnx-appliance"))]
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 def test_help_explains_each_subcommand() -> None:
@@ -24,8 +25,16 @@ def test_help_explains_each_subcommand() -> None:
     for command in ("serve", "check", "version"):
         assert command in out
     serve_help = run("serve", "--help").stdout
-    for flag in ("--config", "--model-dir", "--model", "--bind", "--workers",
-                 "--intra-op-threads", "--cpu-affinity", "--control-socket"):
+    for flag in (
+        "--config",
+        "--model-dir",
+        "--model",
+        "--bind",
+        "--workers",
+        "--intra-op-threads",
+        "--cpu-affinity",
+        "--control-socket",
+    ):
         assert flag in serve_help
 
 
@@ -47,14 +56,18 @@ def test_check_refuses_a_bad_repository(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize(("config", "args", "fragment"), [
-    ("[server]\nworkers = 'x'\n", [], "server.workers"),
-    ("[server]\nunknown = 1\n", [], "unknown"),
-    ("", ["--model-dir", "/nonexistent/models"], "models.repository"),
-    ("", ["--model", "/nonexistent/model.onnx"], "does not exist"),
-])
-def test_serve_refuses_bad_settings_in_one_line(tmp_path: Path, config: str, args: list[str],
-                                                fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("config", "args", "fragment"),
+    [
+        ("[server]\nworkers = 'x'\n", [], "server.workers"),
+        ("[server]\nunknown = 1\n", [], "unknown"),
+        ("", ["--model-dir", "/nonexistent/models"], "models.repository"),
+        ("", ["--model", "/nonexistent/model.onnx"], "does not exist"),
+    ],
+)
+def test_serve_refuses_bad_settings_in_one_line(
+    tmp_path: Path, config: str, args: list[str], fragment: str
+) -> None:
     path = tmp_path / "appliance.toml"
     path.write_text(f'[models]\nrepository = "{DEMO_MODELS}"\n' + config)
     result = run("serve", "--config", str(path), *args)

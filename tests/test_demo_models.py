@@ -17,8 +17,12 @@ def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 
 def test_rebuilt_models_predict_like_the_bundled_ones(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "packaging" / "demo" / "build_models.py"),
-                    str(tmp_path)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(ROOT / "packaging" / "demo" / "build_models.py"), str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     rng = np.random.default_rng(0)
     feeds = {
         "tabular/1": {"input": rng.normal(10, 5, (8, 30)).astype(np.float32)},
@@ -36,12 +40,17 @@ def test_rebuilt_models_predict_like_the_bundled_ones(tmp_path: Path) -> None:
             else:
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=model)
     assert (tmp_path / "tabular" / "model.toml").read_text() == (
-        DEMO_MODELS / "tabular" / "model.toml").read_text()
+        DEMO_MODELS / "tabular" / "model.toml"
+    ).read_text()
 
 
 def test_sentiment_model_separates_held_out_sentences() -> None:
-    texts = ["the staff were friendly and the room was lovely",
-             "terrible service, the food was cold"]
-    label, _ = _run(DEMO_MODELS / "sentiment" / "1" / "model.onnx",
-                    {"text": np.array(texts, dtype=object).reshape(-1, 1)})
+    texts = [
+        "the staff were friendly and the room was lovely",
+        "terrible service, the food was cold",
+    ]
+    label, _ = _run(
+        DEMO_MODELS / "sentiment" / "1" / "model.onnx",
+        {"text": np.array(texts, dtype=object).reshape(-1, 1)},
+    )
     assert label.tolist() == ["positive", "negative"]

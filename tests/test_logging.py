@@ -19,8 +19,9 @@ def test_app_and_stdlib_lines_are_json_with_utc_timestamps() -> None:
         structlog.get_logger("t").debug("hidden")
         logging.getLogger("gunicorn.error").warning("from %s", "stdlib")
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
     lines = [json.loads(line) for line in result.stderr.splitlines()]
     assert len(lines) == 2
     app_line, std_line = lines
@@ -41,8 +42,9 @@ def test_gunicorn_logger_renders_through_the_chain() -> None:
 
     logger = GunicornLogger(Config())
     handler = logger.error_log.handlers[0]
-    record = logging.LogRecord("gunicorn.error", logging.INFO, __file__, 1, "Booting %s",
-                               ("worker",), None)
+    record = logging.LogRecord(
+        "gunicorn.error", logging.INFO, __file__, 1, "Booting %s", ("worker",), None
+    )
     doc = json.loads(handler.format(record))
     assert doc["event"] == "Booting worker"
     assert doc["level"] == "info"

@@ -13,8 +13,11 @@ GOOD = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_requests_and_inferences_are_counted() -> None:
@@ -30,16 +33,34 @@ def test_requests_and_inferences_are_counted() -> None:
     got = samples(client.simulate_get("/metrics").text)
 
     def count(route: str, status: str, model: str, version: str) -> float:
-        return got[("onnx_appliance_requests_total", frozenset({
-            ("route", route), ("method", "POST"), ("status", status), ("model", model),
-            ("version", version)}))]
+        return got[
+            (
+                "onnx_appliance_requests_total",
+                frozenset(
+                    {
+                        ("route", route),
+                        ("method", "POST"),
+                        ("status", status),
+                        ("model", model),
+                        ("version", version),
+                    }
+                ),
+            )
+        ]
 
     infer = "/v2/models/{model}/versions/{version}/infer"
     assert count(infer, "200", "tabular", "1") == 3
     assert count("/v2/models/{model}/infer", "400", "tabular", "2") == 1
     assert count("/v2/models/{model}/infer", "404", "", "") == 1  # unknown names: no label
-    assert got[("onnx_appliance_inference_duration_seconds_count",
-                frozenset({("model", "tabular"), ("version", "1")}))] == 3
+    assert (
+        got[
+            (
+                "onnx_appliance_inference_duration_seconds_count",
+                frozenset({("model", "tabular"), ("version", "1")}),
+            )
+        ]
+        == 3
+    )
     assert got[("onnx_appliance_requests_in_flight", frozenset())] == 1  # the scrape itself
     assert got[("onnx_appliance_build_info", frozenset({("version", "0.1.0")}))] == 1
 

@@ -14,7 +14,7 @@ def test_well_formed_request_id_is_echoed(client: TestClient) -> None:
     assert result.headers["X-Request-ID"] == "abc-123.x:y_z"
 
 
-@pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "semi;colon", "quote\""])
+@pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "semi;colon", 'quote"'])
 def test_malformed_request_id_is_replaced(client: TestClient, bad: str) -> None:
     result = client.simulate_get("/v2", headers={"X-Request-ID": bad})
     generated = result.headers["X-Request-ID"]
@@ -24,12 +24,17 @@ def test_malformed_request_id_is_replaced(client: TestClient, bad: str) -> None:
 
 def test_one_log_line_per_request_without_inputs(client: TestClient) -> None:
     secret_value = 0.123456789
-    body = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32",
-                        "data": [secret_value] * 30}]}
+    body = {
+        "inputs": [
+            {"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [secret_value] * 30}
+        ]
+    }
     with capture_logs() as logs:
-        client.simulate_post("/v2/models/tabular/infer", json=body,
-                             headers={"X-Request-ID": "log-test-1",
-                                      "Authorization": "Bearer sekrit"})
+        client.simulate_post(
+            "/v2/models/tabular/infer",
+            json=body,
+            headers={"X-Request-ID": "log-test-1", "Authorization": "Bearer sekrit"},
+        )
     lines = [e for e in logs if e["event"] == "request"]
     assert len(lines) == 1
     line = lines[0]

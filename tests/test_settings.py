@@ -26,11 +26,15 @@ def test_defaults_are_safe(tmp_path: Path) -> None:
 
 
 def test_file_env_and_overrides_layer(tmp_path: Path) -> None:
-    path = write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n[server]\nworkers = 3\n'
-                           'threads = 2\n')
-    env = {"ONNX_APPLIANCE_SERVER__WORKERS": "5",
-           "ONNX_APPLIANCE_SERVER__BIND": '["127.0.0.1:9000", "unix:/run/x.sock"]',
-           "ONNX_APPLIANCE_LOGGING__FORMAT": "console", "UNRELATED": "1"}
+    path = write(
+        tmp_path, f'[models]\nrepository = "{tmp_path}"\n[server]\nworkers = 3\nthreads = 2\n'
+    )
+    env = {
+        "ONNX_APPLIANCE_SERVER__WORKERS": "5",
+        "ONNX_APPLIANCE_SERVER__BIND": '["127.0.0.1:9000", "unix:/run/x.sock"]',
+        "ONNX_APPLIANCE_LOGGING__FORMAT": "console",
+        "UNRELATED": "1",
+    }
     s = load_settings(path, env=env, overrides={"server": {"threads": 8}})
     assert s.server.workers == 5
     assert s.server.threads == 8
@@ -39,28 +43,35 @@ def test_file_env_and_overrides_layer(tmp_path: Path) -> None:
 
 
 def test_intra_op_threads_default_is_cores_over_workers(tmp_path: Path) -> None:
-    s = load_settings(write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n[server]\n'
-                                      'workers = 64\n'), env={})
+    s = load_settings(
+        write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n[server]\nworkers = 64\n'), env={}
+    )
     assert s.effective_intra_op_threads() == 1
 
 
-@pytest.mark.parametrize(("text", "env", "fragment"), [
-    ('[server]\nwokers = 2\n', {}, "wokers"),
-    ('[sever]\nworkers = 2\n', {}, "sever"),
-    ('[server]\nworkers = "two"\n', {}, "server.workers"),
-    ('[server]\nworkers = -1\n', {}, "server.workers"),
-    ('[server]\nworker_class = "eventlet"\n', {}, "worker_class"),
-    ('[server]\nbind = ["0.0.0.0"]\n', {}, "server.bind"),
-    ('[limits]\nmax_body_bytes = 0\n', {}, "limits.max_body_bytes"),
-    ('[server\n', {}, "not valid TOML"),
-    ("", {"ONNX_APPLIANCE_SERVER__WORKERS": "many"}, "server.workers"),
-    ("", {"ONNX_APPLIANCE_WORKERS": "2"}, "ONNX_APPLIANCE_WORKERS"),
-    ("", {"ONNX_APPLIANCE_SERVER__NOPE": "2"}, "nope"),
-])
-def test_bad_settings_give_one_line(tmp_path: Path, text: str, env: dict[str, str],
-                                    fragment: str) -> None:
-    path = write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n' + text
-                 if not text.startswith("[models") else text)
+@pytest.mark.parametrize(
+    ("text", "env", "fragment"),
+    [
+        ("[server]\nwokers = 2\n", {}, "wokers"),
+        ("[sever]\nworkers = 2\n", {}, "sever"),
+        ('[server]\nworkers = "two"\n', {}, "server.workers"),
+        ("[server]\nworkers = -1\n", {}, "server.workers"),
+        ('[server]\nworker_class = "eventlet"\n', {}, "worker_class"),
+        ('[server]\nbind = ["0.0.0.0"]\n', {}, "server.bind"),
+        ("[limits]\nmax_body_bytes = 0\n", {}, "limits.max_body_bytes"),
+        ("[server\n", {}, "not valid TOML"),
+        ("", {"ONNX_APPLIANCE_SERVER__WORKERS": "many"}, "server.workers"),
+        ("", {"ONNX_APPLIANCE_WORKERS": "2"}, "ONNX_APPLIANCE_WORKERS"),
+        ("", {"ONNX_APPLIANCE_SERVER__NOPE": "2"}, "nope"),
+    ],
+)
+def test_bad_settings_give_one_line(
+    tmp_path: Path, text: str, env: dict[str, str], fragment: str
+) -> None:
+    path = write(
+        tmp_path,
+        f'[models]\nrepository = "{tmp_path}"\n' + text if not text.startswith("[models") else text,
+    )
     with pytest.raises(SettingsError) as info:
         load_settings(path, env=env)
     message = str(info.value)

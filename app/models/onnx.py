@@ -114,8 +114,11 @@ class OnnxModel:
     def _spec(self, arg: Any, kind: str) -> TensorSpec:
         datatype = ORT_TO_DATATYPE.get(arg.type)
         if datatype is None:
-            hint = " (for scikit-learn classifiers convert with zipmap=False)" if "map" in (
-                arg.type) else ""
+            hint = (
+                " (for scikit-learn classifiers convert with zipmap=False)"
+                if "map" in (arg.type)
+                else ""
+            )
             raise RepositoryError(
                 f"{self.label}: {kind} {arg.name!r} has type {arg.type}, which cannot be "
                 f"served{hint}"
@@ -225,8 +228,9 @@ class OnnxModel:
         try:
             results = self._session.run(names, dict(inputs))
         except Exception as exc:
-            log.warning("inference_failed", model=self.name, version=self.version_str,
-                        error=str(exc))
+            log.warning(
+                "inference_failed", model=self.name, version=self.version_str, error=str(exc)
+            )
             raise InferenceFailed(
                 f"model {self.name!r} could not run on these inputs{_client_message(exc)}"
             ) from None

@@ -180,8 +180,9 @@ class Repository:
         """
         entry = self._entries.get(name)
         if entry is None:
-            raise ModelNotFound(f"model {name!r} is not served here" if valid_name(name)
-                                else "no such model")
+            raise ModelNotFound(
+                f"model {name!r} is not served here" if valid_name(name) else "no such model"
+            )
         return entry
 
     def get(self, name: str, version: str | None = None) -> OnnxModel:
@@ -198,9 +199,11 @@ class Repository:
             number = int(version) if VERSION_RE.match(version) else None
             found = entry.versions.get(number) if number is not None else None
             if found is None:
-                raise ModelNotFound(f"model {name!r} has no version {version!r}"
-                                    if number is not None else f"model {name!r} has no such "
-                                    "version")
+                raise ModelNotFound(
+                    f"model {name!r} has no version {version!r}"
+                    if number is not None
+                    else f"model {name!r} has no such version"
+                )
             model = found
         if not model.ready:
             raise ModelNotReady(f"model {name!r} version {model.version} is not ready yet")
@@ -231,15 +234,15 @@ def _scan_model(
         intra_op_threads=config.intra_op_threads or options.intra_op_threads,
         inter_op_threads=config.inter_op_threads or options.inter_op_threads,
         warmup_runs=options.warmup_runs if config.warmup_runs is None else config.warmup_runs,
-        max_batch_rows=min(config.max_batch_rows or options.max_batch_rows,
-                           options.max_batch_rows),
+        max_batch_rows=min(config.max_batch_rows or options.max_batch_rows, options.max_batch_rows),
     )
     for version_dir in sorted(model_dir.iterdir()):
         if not version_dir.is_dir() or not VERSION_RE.match(version_dir.name):
             continue
         if not _inside(version_dir, model_dir):
-            raise RepositoryError(f"model {name!r} version folder {version_dir.name!r} leads "
-                                  "outside the model folder")
+            raise RepositoryError(
+                f"model {name!r} version folder {version_dir.name!r} leads outside the model folder"
+            )
         model_file = version_dir / MODEL_FILE
         if not model_file.is_file():
             raise RepositoryError(f"model {name!r} version {version_dir.name} has no {MODEL_FILE}")
@@ -247,8 +250,9 @@ def _scan_model(
         version = int(version_dir.name)
         entry.versions[version] = OnnxModel(name, version, model_file.resolve(), runtime, observer)
     if not entry.versions:
-        raise RepositoryError(f"model {name!r} has no version folders (expected {name}/1/"
-                              f"{MODEL_FILE})")
+        raise RepositoryError(
+            f"model {name!r} has no version folders (expected {name}/1/{MODEL_FILE})"
+        )
     if config.default_version is not None and config.default_version not in entry.versions:
         raise RepositoryError(
             f"model {name!r}: default_version {config.default_version} does not exist "
@@ -265,8 +269,9 @@ def _read_config(model_dir: Path) -> ModelConfig:
         data: Any = tomllib.loads(path.read_text(encoding="utf-8"))
         config = msgspec.convert(data, ModelConfig)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG} is unreadable: "
-                              f"{exc}") from None
+        raise RepositoryError(
+            f"model {model_dir.name!r}: {MODEL_CONFIG} is unreadable: {exc}"
+        ) from None
     except msgspec.ValidationError as exc:
         raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {exc}") from None
     for key in ("intra_op_threads", "inter_op_threads", "max_batch_rows", "default_version"):
@@ -274,8 +279,7 @@ def _read_config(model_dir: Path) -> ModelConfig:
         if value is not None and value < 1:
             raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {key} must be >= 1")
     if config.warmup_runs is not None and config.warmup_runs < 0:
-        raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: warmup_runs must be "
-                              ">= 0")
+        raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: warmup_runs must be >= 0")
     return config
 
 

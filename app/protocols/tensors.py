@@ -24,16 +24,18 @@ def check_shape(name: str, shape: Any, max_elements: int) -> tuple[int, ...]:
         PayloadTooLarge: more elements than ``max_elements``; nothing was allocated.
     """
     if not isinstance(shape, list) or len(shape) > MAX_RANK:
-        raise InvalidInput(f"input {name!r}: 'shape' must be a list of at most {MAX_RANK} "
-                           "non-negative integers")
+        raise InvalidInput(
+            f"input {name!r}: 'shape' must be a list of at most {MAX_RANK} non-negative integers"
+        )
     for dim in shape:
         # bool is an int subclass and 1e12 arrives as a float: both are refused.
         if type(dim) is not int or dim < 0:
             raise InvalidInput(f"input {name!r}: shape {shape!r} must hold non-negative integers")
     count = math.prod(shape)
     if count > max_elements:
-        raise PayloadTooLarge(f"input {name!r}: shape {shape} has {count} elements; the limit "
-                              f"is {max_elements}")
+        raise PayloadTooLarge(
+            f"input {name!r}: shape {shape} has {count} elements; the limit is {max_elements}"
+        )
     return tuple(shape)
 
 
@@ -52,8 +54,10 @@ def array_from_json(name: str, data: Any, datatype: str, shape: tuple[int, ...])
         raise InvalidInput(f"input {name!r}: 'data' is ragged or too deeply nested") from None
     expected = math.prod(shape)
     if raw.size != expected:
-        raise InvalidInput(f"input {name!r}: 'data' has {raw.size} elements but shape "
-                           f"{list(shape)} needs {expected}")
+        raise InvalidInput(
+            f"input {name!r}: 'data' has {raw.size} elements but shape "
+            f"{list(shape)} needs {expected}"
+        )
     return coerce(name, raw, datatype, data).reshape(shape)
 
 
@@ -84,8 +88,9 @@ def coerce(name: str, raw: np.ndarray, datatype: str, source: Any = None) -> np.
             raise InvalidInput(f"input {name!r} is BOOL: elements must be true or false")
         return raw
     if kind not in _NUMBER_KINDS:
-        raise InvalidInput(f"input {name!r} is {datatype}: elements must be numbers, got "
-                           f"{_kind_name(kind)}")
+        raise InvalidInput(
+            f"input {name!r} is {datatype}: elements must be numbers, got {_kind_name(kind)}"
+        )
     if target.kind in _INT_KINDS:
         info = np.iinfo(target)  # type: ignore[type-var]
         if kind not in _INT_KINDS:
@@ -109,11 +114,13 @@ def _python_ints(name: str, source: Any, datatype: str, info: Any) -> np.ndarray
 
 def _kind_name(kind: str) -> str:
     return {"U": "strings", "S": "strings", "b": "booleans", "O": "mixed or null values"}.get(
-        kind, "non-numeric values")
+        kind, "non-numeric values"
+    )
 
 
-def array_from_bytes(name: str, chunk: memoryview, datatype: str,
-                     shape: tuple[int, ...]) -> np.ndarray:
+def array_from_bytes(
+    name: str, chunk: memoryview, datatype: str, shape: tuple[int, ...]
+) -> np.ndarray:
     """Decode one tensor of the binary tensor data extension (little-endian, row-major).
 
     Raises:
@@ -124,8 +131,10 @@ def array_from_bytes(name: str, chunk: memoryview, datatype: str,
         return _bytes_elements(name, chunk, count).reshape(shape)
     dtype = DATATYPE_TO_NUMPY[datatype].newbyteorder("<")
     if len(chunk) != count * dtype.itemsize:
-        raise InvalidInput(f"input {name!r}: binary data has {len(chunk)} bytes but shape "
-                           f"{list(shape)} of {datatype} needs {count * dtype.itemsize}")
+        raise InvalidInput(
+            f"input {name!r}: binary data has {len(chunk)} bytes but shape "
+            f"{list(shape)} of {datatype} needs {count * dtype.itemsize}"
+        )
     array = np.frombuffer(chunk, dtype=dtype)
     if datatype == "BOOL" and array.size and (chunk.tobytes().strip(b"\x00\x01") != b""):
         raise InvalidInput(f"input {name!r}: BOOL bytes must be 0 or 1")
@@ -143,7 +152,7 @@ def _bytes_elements(name: str, chunk: memoryview, count: int) -> np.ndarray:
         if pos + size > end:
             raise InvalidInput(f"input {name!r}: binary BYTES element {i} is truncated")
         try:
-            out[i] = bytes(chunk[pos:pos + size]).decode("utf-8")
+            out[i] = bytes(chunk[pos : pos + size]).decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidInput(f"input {name!r}: BYTES element {i} is not UTF-8 text") from None
         pos += size
@@ -168,6 +177,8 @@ def array_to_bytes(array: np.ndarray, datatype: str) -> bytes:
 def to_json_data(array: np.ndarray) -> Any:
     """A flat, JSON-encodable row-major view of an output (orjson serialises numpy)."""
     if array.dtype.kind == "O":
-        return [v if isinstance(v, str) else bytes(v).decode("utf-8", "replace")
-                for v in array.reshape(-1)]
+        return [
+            v if isinstance(v, str) else bytes(v).decode("utf-8", "replace")
+            for v in array.reshape(-1)
+        ]
     return np.ascontiguousarray(array).reshape(-1)

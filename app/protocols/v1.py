@@ -39,11 +39,14 @@ def parse_instances(doc: Any, model: OnnxModel, max_rows: int) -> dict[str, np.n
     names = {s.name for s in model.inputs}
     for row in instances:
         if not isinstance(row, dict):
-            raise InvalidInput(f"model {model.name!r} has several inputs: each instance must be "
-                               f"an object with keys {sorted(names)}")
+            raise InvalidInput(
+                f"model {model.name!r} has several inputs: each instance must be "
+                f"an object with keys {sorted(names)}"
+            )
         if row.keys() != names:
-            raise InvalidInput(f"each instance needs exactly the keys {sorted(names)}, got "
-                               f"{sorted(row)}")
+            raise InvalidInput(
+                f"each instance needs exactly the keys {sorted(names)}, got {sorted(row)}"
+            )
     return {s.name: _column(s, [row[s.name] for row in instances]) for s in model.inputs}
 
 
@@ -51,8 +54,9 @@ def _column(spec: TensorSpec, rows: list[Any]) -> np.ndarray:
     try:
         raw = np.array(rows, dtype=object if spec.datatype == "BYTES" else None)
     except (ValueError, TypeError, OverflowError, RecursionError):
-        raise InvalidInput(f"input {spec.name!r}: instances are ragged or too deeply "
-                           "nested") from None
+        raise InvalidInput(
+            f"input {spec.name!r}: instances are ragged or too deeply nested"
+        ) from None
     array = coerce(spec.name, raw, spec.datatype, rows)
     if array.ndim == len(spec.shape) - 1 and spec.shape and spec.shape[-1] == 1:
         array = array[..., np.newaxis]
@@ -74,8 +78,11 @@ def encode_predictions(model: OnnxModel, results: dict[str, np.ndarray]) -> dict
         predictions = [{name: col[i] for name, col in columns.items()} for i in range(rows)]
     else:
         predictions = {name: _plain(a) for name, a in results.items()}
-    return {"predictions": predictions, "model_name": model.name,
-            "model_version": model.version_str}
+    return {
+        "predictions": predictions,
+        "model_name": model.name,
+        "model_version": model.version_str,
+    }
 
 
 def _plain(array: np.ndarray) -> Any:

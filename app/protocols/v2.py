@@ -72,8 +72,7 @@ def parse_infer(
         InvalidInput: anything malformed; PayloadTooLarge: a tensor over the element limit.
     """
     if header_length is not None and not 0 < header_length <= len(body):
-        raise InvalidInput(f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} "
-                           "bytes")
+        raise InvalidInput(f"{HEADER_LENGTH} is {header_length} but the body has {len(body)} bytes")
     view = memoryview(body)
     doc = parse_json(view[:header_length] if header_length is not None else view)
     if not isinstance(doc, dict):
@@ -100,31 +99,38 @@ def parse_infer(
         if datatype != spec.datatype:
             known = datatype in DATATYPE_TO_NUMPY
             raise InvalidInput(
-                f"input {name!r} has datatype {datatype!r} but the model expects "
-                f"{spec.datatype}" if known or datatype is None else
-                f"input {name!r}: unknown datatype {datatype!r}"
+                f"input {name!r} has datatype {datatype!r} but the model expects {spec.datatype}"
+                if known or datatype is None
+                else f"input {name!r}: unknown datatype {datatype!r}"
             )
         shape = check_shape(name, item.get("shape"), max_elements)
         if not spec.accepts_shape(shape):
-            raise InvalidInput(f"input {name!r} has shape {list(shape)} but model "
-                               f"{model.name!r} expects {list(spec.shape)} (-1 is any size)")
+            raise InvalidInput(
+                f"input {name!r} has shape {list(shape)} but model "
+                f"{model.name!r} expects {list(spec.shape)} (-1 is any size)"
+            )
         size = _params(item, f"input {name!r}").get("binary_data_size")
         if size is not None:
             if header_length is None:
-                raise InvalidInput(f"input {name!r} has binary_data_size but the request has "
-                                   f"no {HEADER_LENGTH} header")
+                raise InvalidInput(
+                    f"input {name!r} has binary_data_size but the request has "
+                    f"no {HEADER_LENGTH} header"
+                )
             if type(size) is not int or size < 0 or offset + size > len(binary):
-                raise InvalidInput(f"input {name!r}: binary_data_size {size!r} does not fit "
-                                   f"the {len(binary) - offset} bytes left in the body")
-            inputs[name] = array_from_bytes(name, binary[offset:offset + size], datatype, shape)
+                raise InvalidInput(
+                    f"input {name!r}: binary_data_size {size!r} does not fit "
+                    f"the {len(binary) - offset} bytes left in the body"
+                )
+            inputs[name] = array_from_bytes(name, binary[offset : offset + size], datatype, shape)
             offset += size
         elif "data" in item:
             inputs[name] = array_from_json(name, item["data"], datatype, shape)
         else:
             raise InvalidInput(f"input {name!r} has neither 'data' nor binary_data_size")
     if offset != len(binary):
-        raise InvalidInput(f"the body has {len(binary) - offset} bytes of binary data that no "
-                           "input claims")
+        raise InvalidInput(
+            f"the body has {len(binary) - offset} bytes of binary data that no input claims"
+        )
     request = InferRequest(request_id, inputs)
     _parse_outputs(doc, model, request)
     return request

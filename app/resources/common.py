@@ -29,8 +29,9 @@ def require_media_type(req: falcon.Request, allowed: frozenset[str]) -> None:
     mt = media_type(req)
     if mt not in allowed:
         kinds = ", ".join(sorted(t for t in allowed if t))
-        raise ApiError("UNSUPPORTED_MEDIA_TYPE",
-                       f"Content-Type {mt!r} is not supported here; send {kinds}")
+        raise ApiError(
+            "UNSUPPORTED_MEDIA_TYPE", f"Content-Type {mt!r} is not supported here; send {kinds}"
+        )
 
 
 def read_body(req: falcon.Request, limit: int) -> bytes:
@@ -41,16 +42,18 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
     """
     declared = req.content_length
     if declared is not None and declared > limit:
-        raise ApiError("PAYLOAD_TOO_LARGE",
-                       f"request body of {declared} bytes is over the limit of {limit}")
+        raise ApiError(
+            "PAYLOAD_TOO_LARGE", f"request body of {declared} bytes is over the limit of {limit}"
+        )
     data: bytes = req.bounded_stream.read(limit + 1)
     if len(data) > limit:
         raise ApiError("PAYLOAD_TOO_LARGE", f"request body is over the limit of {limit} bytes")
     return data
 
 
-def resolve(req: falcon.Request, repository: Repository, name: str,
-            version: str | None = None) -> OnnxModel:
+def resolve(
+    req: falcon.Request, repository: Repository, name: str, version: str | None = None
+) -> OnnxModel:
     """Find the serving model version and label the request with it."""
     model = repository.get(name, version)
     req.context.model = model.name

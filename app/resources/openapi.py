@@ -25,29 +25,44 @@ _ERRORS = {
     "404": _error("Unknown model or version (MODEL_NOT_FOUND)."),
     "405": _error("Method not allowed on this route (METHOD_NOT_ALLOWED)."),
     "413": _error("Body, batch or tensor over the configured limit (PAYLOAD_TOO_LARGE)."),
-    "415": _error("Content-Type other than JSON or binary tensor data "
-                  "(UNSUPPORTED_MEDIA_TYPE)."),
+    "415": _error("Content-Type other than JSON or binary tensor data (UNSUPPORTED_MEDIA_TYPE)."),
     "500": _error("Unexpected failure; details are in the server log (INTERNAL)."),
     "503": _error("Model not ready yet (MODEL_NOT_READY); Retry-After is set."),
 }
 _READ_ERRORS = {k: v for k, v in _ERRORS.items() if k in ("404", "405", "500", "503")}
 
 _MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
-_VERSION = {"name": "version", "in": "path", "required": True,
-            "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"}}
-_REQUEST_ID = {"name": "X-Request-ID", "in": "header", "required": False,
-               "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-               "description": "Echoed on the response; generated when absent or malformed."}
+_VERSION = {
+    "name": "version",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+}
+_REQUEST_ID = {
+    "name": "X-Request-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+    "description": "Echoed on the response; generated when absent or malformed.",
+}
 
 
-def _op(summary: str, response: str, *, body: str | None = None, errors: dict[str, Any],
-        params: list[dict[str, Any]] | None = None, binary: bool = False) -> dict[str, Any]:
+def _op(
+    summary: str,
+    response: str,
+    *,
+    body: str | None = None,
+    errors: dict[str, Any],
+    params: list[dict[str, Any]] | None = None,
+    binary: bool = False,
+) -> dict[str, Any]:
     ok_content: dict[str, Any] = {_JSON: {"schema": _ref(response)}}
     if binary:
         ok_content["application/octet-stream"] = {
             "schema": {"type": "string", "format": "binary"},
             "description": "JSON header of Inference-Header-Content-Length bytes, then "
-                           "raw little-endian tensors."}
+            "raw little-endian tensors.",
+        }
     op: dict[str, Any] = {
         "summary": summary,
         "parameters": [*(params or []), _REQUEST_ID],
@@ -56,135 +71,301 @@ def _op(summary: str, response: str, *, body: str | None = None, errors: dict[st
     if body is not None:
         content: dict[str, Any] = {_JSON: {"schema": _ref(body)}}
         if binary:
-            content["application/octet-stream"] = {
-                "schema": {"type": "string", "format": "binary"}}
+            content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
         op["requestBody"] = {"required": True, "content": content}
     return op
 
 
 def _model_routes(prefix: str, params: list[dict[str, Any]], pinned: str) -> dict[str, Any]:
     return {
-        f"{prefix}": {"get": _op(f"Model metadata ({pinned})", "ModelMetadata",
-                                 errors=_READ_ERRORS, params=params)},
-        f"{prefix}/ready": {"get": _op(f"Model readiness ({pinned})", "ModelReady",
-                                       errors=_READ_ERRORS, params=params)},
-        f"{prefix}/infer": {"post": _op(f"Inference, Open Inference Protocol ({pinned})",
-                                        "InferResponse", body="InferRequest", errors=_ERRORS,
-                                        params=params, binary=True)},
+        f"{prefix}": {
+            "get": _op(
+                f"Model metadata ({pinned})", "ModelMetadata", errors=_READ_ERRORS, params=params
+            )
+        },
+        f"{prefix}/ready": {
+            "get": _op(
+                f"Model readiness ({pinned})", "ModelReady", errors=_READ_ERRORS, params=params
+            )
+        },
+        f"{prefix}/infer": {
+            "post": _op(
+                f"Inference, Open Inference Protocol ({pinned})",
+                "InferResponse",
+                body="InferRequest",
+                errors=_ERRORS,
+                params=params,
+                binary=True,
+            )
+        },
     }
 
 
 def build_spec() -> dict[str, Any]:
     """The OpenAPI document."""
     tensor_in = {
-        "type": "object", "required": ["name", "shape", "datatype"],
+        "type": "object",
+        "required": ["name", "shape", "datatype"],
         "properties": {
             "name": {"type": "string"},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "datatype": {"enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8",
-                                  "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]},
-            "data": {"description": "Row-major values, flat or nested; omitted when "
-                                    "parameters.binary_data_size is given."},
-            "parameters": {"type": "object", "properties": {
-                "binary_data_size": {"type": "integer", "minimum": 0}}},
+            "datatype": {
+                "enum": [
+                    "BOOL",
+                    "UINT8",
+                    "UINT16",
+                    "UINT32",
+                    "UINT64",
+                    "INT8",
+                    "INT16",
+                    "INT32",
+                    "INT64",
+                    "FP16",
+                    "FP32",
+                    "FP64",
+                    "BYTES",
+                ]
+            },
+            "data": {
+                "description": "Row-major values, flat or nested; omitted when "
+                "parameters.binary_data_size is given."
+            },
+            "parameters": {
+                "type": "object",
+                "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
+            },
         },
     }
-    tensor_out = {"type": "object", "required": ["name", "shape", "datatype"],
-                  "properties": {"name": {"type": "string"},
-                                 "shape": {"type": "array", "items": {"type": "integer"}},
-                                 "datatype": {"type": "string"}, "data": {"type": "array"},
-                                 "parameters": {"type": "object"}}}
-    spec_tensor = {"type": "object", "properties": {
-        "name": {"type": "string"}, "datatype": {"type": "string"},
-        "shape": {"type": "array", "items": {"type": "integer"},
-                  "description": "-1 marks a dynamic dimension"}}}
+    tensor_out = {
+        "type": "object",
+        "required": ["name", "shape", "datatype"],
+        "properties": {
+            "name": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "datatype": {"type": "string"},
+            "data": {"type": "array"},
+            "parameters": {"type": "object"},
+        },
+    }
+    spec_tensor = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "datatype": {"type": "string"},
+            "shape": {
+                "type": "array",
+                "items": {"type": "integer"},
+                "description": "-1 marks a dynamic dimension",
+            },
+        },
+    }
     schemas: dict[str, Any] = {
-        "Error": {"type": "object", "required": ["error", "error_code", "request_id"],
-                  "properties": {"error": {"type": "string"},
-                                 "error_code": {"type": "string", "enum": [
-                                     "INVALID_INPUT", "INFERENCE_FAILED", "NOT_FOUND",
-                                     "MODEL_NOT_FOUND", "METHOD_NOT_ALLOWED",
-                                     "PAYLOAD_TOO_LARGE", "UNSUPPORTED_MEDIA_TYPE",
-                                     "MODEL_NOT_READY", "INTERNAL"]},
-                                 "request_id": {"type": "string"}}},
-        "ServerMetadata": {"type": "object", "properties": {
-            "name": {"type": "string"}, "version": {"type": "string"},
-            "extensions": {"type": "array", "items": {"type": "string"}}}},
+        "Error": {
+            "type": "object",
+            "required": ["error", "error_code", "request_id"],
+            "properties": {
+                "error": {"type": "string"},
+                "error_code": {
+                    "type": "string",
+                    "enum": [
+                        "INVALID_INPUT",
+                        "INFERENCE_FAILED",
+                        "NOT_FOUND",
+                        "MODEL_NOT_FOUND",
+                        "METHOD_NOT_ALLOWED",
+                        "PAYLOAD_TOO_LARGE",
+                        "UNSUPPORTED_MEDIA_TYPE",
+                        "MODEL_NOT_READY",
+                        "INTERNAL",
+                    ],
+                },
+                "request_id": {"type": "string"},
+            },
+        },
+        "ServerMetadata": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "extensions": {"type": "array", "items": {"type": "string"}},
+            },
+        },
         "Live": {"type": "object", "properties": {"live": {"type": "boolean"}}},
         "Ready": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
-        "ModelMetadata": {"type": "object", "properties": {
-            "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
-            "platform": {"type": "string", "const": "onnxruntime_onnx"},
-            "inputs": {"type": "array", "items": spec_tensor},
-            "outputs": {"type": "array", "items": spec_tensor}}},
-        "ModelReady": {"type": "object", "properties": {
-            "name": {"type": "string"}, "version": {"type": "string"},
-            "ready": {"type": "boolean"}}},
-        "InferRequest": {"type": "object", "required": ["inputs"], "properties": {
-            "id": {"type": "string"},
-            "parameters": {"type": "object", "properties": {
-                "binary_data_output": {"type": "boolean"}}},
-            "inputs": {"type": "array", "minItems": 1, "items": tensor_in},
-            "outputs": {"type": "array", "items": {"type": "object", "required": ["name"],
-                        "properties": {"name": {"type": "string"}, "parameters": {
-                            "type": "object",
-                            "properties": {"binary_data": {"type": "boolean"}}}}}}}},
-        "InferResponse": {"type": "object", "properties": {
-            "model_name": {"type": "string"}, "model_version": {"type": "string"},
-            "id": {"type": "string"}, "outputs": {"type": "array", "items": tensor_out}}},
-        "RepositoryIndexRequest": {"type": "object",
-                                   "properties": {"ready": {"type": "boolean"}}},
-        "RepositoryIndex": {"type": "array", "items": {"type": "object", "properties": {
-            "name": {"type": "string"}, "version": {"type": "string"},
-            "state": {"enum": ["READY", "LOADING", "UNAVAILABLE"]},
-            "reason": {"type": "string"}}}},
-        "PredictRequest": {"type": "object", "required": ["instances"], "properties": {
-            "instances": {"type": "array", "minItems": 1,
-                          "description": "One row per instance: the input's value, or an "
-                                         "object keyed by input name for several inputs."}}},
-        "PredictResponse": {"type": "object", "properties": {
-            "predictions": {}, "model_name": {"type": "string"},
-            "model_version": {"type": "string"}}},
-        "ModelStatus": {"type": "object", "properties": {
-            "model_name": {"type": "string"}, "default_version": {"type": "string"},
-            "model_version_status": {"type": "array", "items": {"type": "object"}}}},
+        "ModelMetadata": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "versions": {"type": "array", "items": {"type": "string"}},
+                "platform": {"type": "string", "const": "onnxruntime_onnx"},
+                "inputs": {"type": "array", "items": spec_tensor},
+                "outputs": {"type": "array", "items": spec_tensor},
+            },
+        },
+        "ModelReady": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "ready": {"type": "boolean"},
+            },
+        },
+        "InferRequest": {
+            "type": "object",
+            "required": ["inputs"],
+            "properties": {
+                "id": {"type": "string"},
+                "parameters": {
+                    "type": "object",
+                    "properties": {"binary_data_output": {"type": "boolean"}},
+                },
+                "inputs": {"type": "array", "minItems": 1, "items": tensor_in},
+                "outputs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "parameters": {
+                                "type": "object",
+                                "properties": {"binary_data": {"type": "boolean"}},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "InferResponse": {
+            "type": "object",
+            "properties": {
+                "model_name": {"type": "string"},
+                "model_version": {"type": "string"},
+                "id": {"type": "string"},
+                "outputs": {"type": "array", "items": tensor_out},
+            },
+        },
+        "RepositoryIndexRequest": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+        "RepositoryIndex": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "version": {"type": "string"},
+                    "state": {"enum": ["READY", "LOADING", "UNAVAILABLE"]},
+                    "reason": {"type": "string"},
+                },
+            },
+        },
+        "PredictRequest": {
+            "type": "object",
+            "required": ["instances"],
+            "properties": {
+                "instances": {
+                    "type": "array",
+                    "minItems": 1,
+                    "description": "One row per instance: the input's value, or an "
+                    "object keyed by input name for several inputs.",
+                }
+            },
+        },
+        "PredictResponse": {
+            "type": "object",
+            "properties": {
+                "predictions": {},
+                "model_name": {"type": "string"},
+                "model_version": {"type": "string"},
+            },
+        },
+        "ModelStatus": {
+            "type": "object",
+            "properties": {
+                "model_name": {"type": "string"},
+                "default_version": {"type": "string"},
+                "model_version_status": {"type": "array", "items": {"type": "object"}},
+            },
+        },
     }
     health = {"500": _ERRORS["500"]}
     paths: dict[str, Any] = {
         "/v2": {"get": _op("Server metadata", "ServerMetadata", errors=health)},
         "/v2/health/live": {"get": _op("Liveness", "Live", errors=health)},
-        "/v2/health/ready": {"get": _op("Readiness: every model loaded and warm", "Ready",
-                                        errors={"503": _ERRORS["503"]})},
+        "/v2/health/ready": {
+            "get": _op(
+                "Readiness: every model loaded and warm", "Ready", errors={"503": _ERRORS["503"]}
+            )
+        },
         "/healthz": {"get": _op("Liveness (alias)", "Live", errors=health)},
         "/readyz": {"get": _op("Readiness (alias)", "Ready", errors={"503": _ERRORS["503"]})},
         **_model_routes("/v2/models/{model}", [_MODEL], "default version"),
-        **_model_routes("/v2/models/{model}/versions/{version}", [_MODEL, _VERSION],
-                        "pinned version"),
-        "/v2/repository/index": {"post": _op(
-            "Every model version and its state (read-only)", "RepositoryIndex",
-            body="RepositoryIndexRequest", errors={k: _ERRORS[k] for k in ("400", "413", "415")})},
-        "/v1/models/{model}": {"get": _op("Versions of a model and their state", "ModelStatus",
-                                          errors=_READ_ERRORS, params=[_MODEL])},
-        "/v1/models/{model}:predict": {"post": _op(
-            "Predict with instances (default version)", "PredictResponse",
-            body="PredictRequest", errors=_ERRORS, params=[_MODEL])},
-        "/v1/models/{model}/versions/{version}:predict": {"post": _op(
-            "Predict with instances (pinned version)", "PredictResponse",
-            body="PredictRequest", errors=_ERRORS, params=[_MODEL, _VERSION])},
-        "/predict": {"post": _op("Predict with the default model", "PredictResponse",
-                                 body="PredictRequest", errors=_ERRORS)},
-        "/metrics": {"get": {"summary": "Prometheus metrics, summed over all workers",
-                             "responses": {"200": {"description": "Text exposition format",
-                                                   "content": {"text/plain": {}}}}}},
-        "/openapi.json": {"get": {"summary": "This document",
-                                  "responses": {"200": {"description": "OpenAPI 3.1",
-                                                        "content": {_JSON: {}}}}}},
+        **_model_routes(
+            "/v2/models/{model}/versions/{version}", [_MODEL, _VERSION], "pinned version"
+        ),
+        "/v2/repository/index": {
+            "post": _op(
+                "Every model version and its state (read-only)",
+                "RepositoryIndex",
+                body="RepositoryIndexRequest",
+                errors={k: _ERRORS[k] for k in ("400", "413", "415")},
+            )
+        },
+        "/v1/models/{model}": {
+            "get": _op(
+                "Versions of a model and their state",
+                "ModelStatus",
+                errors=_READ_ERRORS,
+                params=[_MODEL],
+            )
+        },
+        "/v1/models/{model}:predict": {
+            "post": _op(
+                "Predict with instances (default version)",
+                "PredictResponse",
+                body="PredictRequest",
+                errors=_ERRORS,
+                params=[_MODEL],
+            )
+        },
+        "/v1/models/{model}/versions/{version}:predict": {
+            "post": _op(
+                "Predict with instances (pinned version)",
+                "PredictResponse",
+                body="PredictRequest",
+                errors=_ERRORS,
+                params=[_MODEL, _VERSION],
+            )
+        },
+        "/predict": {
+            "post": _op(
+                "Predict with the default model",
+                "PredictResponse",
+                body="PredictRequest",
+                errors=_ERRORS,
+            )
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics, summed over all workers",
+                "responses": {
+                    "200": {"description": "Text exposition format", "content": {"text/plain": {}}}
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {"200": {"description": "OpenAPI 3.1", "content": {_JSON: {}}}},
+            }
+        },
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "onnx-appliance", "version": __version__,
-                 "description": "Open Inference Protocol v2 and simple JSON inference over "
-                                "ONNX models."},
+        "info": {
+            "title": "onnx-appliance",
+            "version": __version__,
+            "description": "Open Inference Protocol v2 and simple JSON inference over ONNX models.",
+        },
         "paths": paths,
         "components": {"schemas": schemas},
     }

@@ -27,12 +27,16 @@ class PredictResource:
         self._repository = repository
         self._limits = limits
 
-    def on_post(self, req: falcon.Request, resp: falcon.Response, model: str | None = None,
-                version: str | None = None) -> None:
+    def on_post(
+        self,
+        req: falcon.Request,
+        resp: falcon.Response,
+        model: str | None = None,
+        version: str | None = None,
+    ) -> None:
         """Predict with the model in the path, or the default model for ``/predict``."""
         require_media_type(req, JSON_TYPES)
-        served = resolve(req, self._repository, model or self._repository.default_model,
-                         version)
+        served = resolve(req, self._repository, model or self._repository.default_model, version)
         body = read_body(req, self._limits.max_body_bytes)
         inputs = v1.parse_instances(parse_json(body), served, self._limits.max_batch_rows)
         results = served.predict(inputs)
@@ -52,12 +56,18 @@ class ModelStatusResource:
         """List the model's versions and states."""
         entry = self._repository.entry(model)
         req.context.model = entry.name
-        send_json(resp, {
-            "model_name": entry.name,
-            "default_version": str(entry.default_version),
-            "model_version_status": [
-                {"version": v["version"], "state": _TF_STATES[v["state"]],
-                 "status": {"error_code": "OK", "error_message": ""}}
-                for v in entry.version_states()
-            ],
-        })
+        send_json(
+            resp,
+            {
+                "model_name": entry.name,
+                "default_version": str(entry.default_version),
+                "model_version_status": [
+                    {
+                        "version": v["version"],
+                        "state": _TF_STATES[v["state"]],
+                        "status": {"error_code": "OK", "error_message": ""},
+                    }
+                    for v in entry.version_states()
+                ],
+            },
+        )

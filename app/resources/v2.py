@@ -32,24 +32,26 @@ class ModelsResource:
         self._repository = repository
         self._limits = limits
 
-    def on_get(self, req: falcon.Request, resp: falcon.Response, model: str,
-               version: str | None = None) -> None:
+    def on_get(
+        self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None = None
+    ) -> None:
         """Model metadata; without a version, the default version's signature."""
         served = resolve(req, self._repository, model, version)
         doc = served.metadata()
         if version is None:
-            doc["versions"] = [v["version"] for v in self._repository.entry(model)
-                               .version_states()]
+            doc["versions"] = [v["version"] for v in self._repository.entry(model).version_states()]
         send_json(resp, doc)
 
-    def on_get_ready(self, req: falcon.Request, resp: falcon.Response, model: str,
-                     version: str | None = None) -> None:
+    def on_get_ready(
+        self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None = None
+    ) -> None:
         """200 when that version (or the default) is ready; 404 unknown, 503 loading."""
         served = resolve(req, self._repository, model, version)
         send_json(resp, {"name": served.name, "version": served.version_str, "ready": True})
 
-    def on_post_infer(self, req: falcon.Request, resp: falcon.Response, model: str,
-                      version: str | None = None) -> None:
+    def on_post_infer(
+        self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None = None
+    ) -> None:
         """Run an inference request, JSON or with binary tensor data."""
         require_media_type(req, _INFER_TYPES)
         served = resolve(req, self._repository, model, version)
@@ -91,8 +93,11 @@ class RepositoryIndexResource:
         if body.strip():
             doc = v2.parse_json(body)
             if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
-                raise ApiError("INVALID_INPUT", "body must be an object like {\"ready\": true}")
+                raise ApiError("INVALID_INPUT", 'body must be an object like {"ready": true}')
             only_ready = doc.get("ready", False)
-        index = [dict(item, reason="") for item in self._repository.index()
-                 if not only_ready or item["state"] == "READY"]
+        index = [
+            dict(item, reason="")
+            for item in self._repository.index()
+            if not only_ready or item["state"] == "READY"
+        ]
         send_json(resp, index)

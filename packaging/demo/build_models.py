@@ -64,12 +64,17 @@ def build_tabular(out: Path) -> None:
     for version, c in ((1, 1.0), (2, 0.05)):
         pipe = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000))
         pipe.fit(x, y)
-        _save(_classifier(pipe, x.shape[1]), out, "tabular", version,
-              f"Breast cancer classifier, logistic regression C={c}")
+        _save(
+            _classifier(pipe, x.shape[1]),
+            out,
+            "tabular",
+            version,
+            f"Breast cancer classifier, logistic regression C={c}",
+        )
     (out / "tabular" / "model.toml").write_text(
         "# Newest version serves by default; pin with /versions/{v}.\n"
         "default_version = 2\n"
-        "labels = [\"malignant\", \"benign\"]\n"
+        'labels = ["malignant", "benign"]\n'
     )
 
 
@@ -78,8 +83,9 @@ def build_regression(out: Path) -> None:
     x, y = load_diabetes(return_X_y=True)
     pipe = make_pipeline(StandardScaler(), Ridge(alpha=1.0))
     pipe.fit(x.astype(np.float32), y.astype(np.float32))
-    model = convert_sklearn(pipe, initial_types=[("input", FloatTensorType([None, 10]))],
-                            target_opset=OPSET)
+    model = convert_sklearn(
+        pipe, initial_types=[("input", FloatTensorType([None, 10]))], target_opset=OPSET
+    )
     _save(model, out, "regression", 1, "Diabetes progression, ridge regression")
 
 
@@ -89,11 +95,17 @@ def build_sentiment(out: Path) -> None:
         rows = list(csv.DictReader(f, delimiter="\t"))
     texts = [r["text"] for r in rows]
     labels = [r["label"] for r in rows]
-    pipe = make_pipeline(TfidfVectorizer(lowercase=True, ngram_range=(1, 1)),
-                         LogisticRegression(C=10.0, max_iter=1000))
+    pipe = make_pipeline(
+        TfidfVectorizer(lowercase=True, ngram_range=(1, 1)),
+        LogisticRegression(C=10.0, max_iter=1000),
+    )
     pipe.fit(texts, labels)
-    model = convert_sklearn(pipe, initial_types=[("text", StringTensorType([None, 1]))],
-                            options={id(pipe): {"zipmap": False}}, target_opset=OPSET)
+    model = convert_sklearn(
+        pipe,
+        initial_types=[("text", StringTensorType([None, 1]))],
+        options={id(pipe): {"zipmap": False}},
+        target_opset=OPSET,
+    )
     # onnxruntime's StringNormalizer defaults to en_US.UTF-8, which a minimal Debian lacks;
     # C.UTF-8 is always there.
     for node in model.graph.node:
@@ -119,7 +131,8 @@ def build_mlp(out: Path) -> None:
             nodes.append(helper.make_node("Relu", [gemm_out], [f"h{i}"]))
             prev = f"h{i}"
     graph = helper.make_graph(
-        nodes, "mlp",
+        nodes,
+        "mlp",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 256])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         initializer=inits,

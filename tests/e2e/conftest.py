@@ -97,8 +97,14 @@ def wait_ready(server: Server, timeout: float = 90) -> float:
 
 
 @contextlib.contextmanager
-def run_server(tmp: Path, *args: str, config: str = "", models: Path = DEMO_MODELS,
-               workers: int = 2, wait: bool = True) -> Iterator[Server]:
+def run_server(
+    tmp: Path,
+    *args: str,
+    config: str = "",
+    models: Path = DEMO_MODELS,
+    workers: int = 2,
+    wait: bool = True,
+) -> Iterator[Server]:
     """Start the CLI with a config in ``tmp``; stop it (SIGTERM) afterwards."""
     port = free_port()
     socket_path = str(tmp / "app.sock")
@@ -107,14 +113,19 @@ def run_server(tmp: Path, *args: str, config: str = "", models: Path = DEMO_MODE
     config_path.write_text(
         f'[server]\nbind = ["127.0.0.1:{port}", "unix:{socket_path}"]\nworkers = {workers}\n'
         f'[models]\nrepository = "{models}"\ndefault_model = "tabular"\n'
-        f'[metrics]\nmultiproc_dir = "{metrics_dir}"\n' + config)
+        f'[metrics]\nmultiproc_dir = "{metrics_dir}"\n' + config
+    )
     log_path = tmp / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONNX_APPLIANCE_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with log_path.open("wb") as log:
         started = time.time()
-        process = subprocess.Popen([CLI, "serve", "--config", str(config_path), *args],
-                                   stdout=log, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            [CLI, "serve", "--config", str(config_path), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     server = Server(process, port, socket_path, metrics_dir, log_path, started)
     try:
         if wait:

@@ -45,52 +45,70 @@ class TestTritonClient:
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 256]}]
         assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
         index = client.get_model_repository_index()
-        assert {(m["name"], m["version"]) for m in index} >= {("tabular", "1"), ("tabular",
-                                                                                 "2")}
+        assert {(m["name"], m["version"]) for m in index} >= {("tabular", "1"), ("tabular", "2")}
 
     @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
     @pytest.mark.parametrize("version", ["", "1"])
-    def test_tabular(self, client: triton.InferenceServerClient, binary: bool,
-                     version: str) -> None:
+    def test_tabular(
+        self, client: triton.InferenceServerClient, binary: bool, version: str
+    ) -> None:
         x = RNG.normal(10, 5, (4, 30)).astype(np.float32)
         inp = triton.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=binary)
-        outputs = [triton.InferRequestedOutput(n, binary_data=binary)
-                   for n in ("label", "probabilities")]
-        result = client.infer("tabular", [inp], model_version=version, outputs=outputs,
-                              request_id="tc-1")
+        outputs = [
+            triton.InferRequestedOutput(n, binary_data=binary) for n in ("label", "probabilities")
+        ]
+        result = client.infer(
+            "tabular", [inp], model_version=version, outputs=outputs, request_id="tc-1"
+        )
         expected = reference("tabular", int(version or 2), {"input": x})
         assert result.get_response()["model_version"] == (version or "2")
         assert result.get_response()["id"] == "tc-1"
         np.testing.assert_array_equal(result.as_numpy("label"), expected["label"])
-        np.testing.assert_allclose(result.as_numpy("probabilities"),
-                                   expected["probabilities"], rtol=1e-6)
+        np.testing.assert_allclose(
+            result.as_numpy("probabilities"), expected["probabilities"], rtol=1e-6
+        )
 
     @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
     def test_mlp_batch(self, client: triton.InferenceServerClient, binary: bool) -> None:
         x = RNG.normal(0, 1, (32, 256)).astype(np.float32)
         inp = triton.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=binary)
-        result = client.infer("mlp", [inp], outputs=[
-            triton.InferRequestedOutput("logits", binary_data=binary)])
-        np.testing.assert_allclose(result.as_numpy("logits"),
-                                   reference("mlp", 1, {"input": x})["logits"], rtol=1e-5,
-                                   atol=1e-6)
+        result = client.infer(
+            "mlp", [inp], outputs=[triton.InferRequestedOutput("logits", binary_data=binary)]
+        )
+        np.testing.assert_allclose(
+            result.as_numpy("logits"),
+            reference("mlp", 1, {"input": x})["logits"],
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
     @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
     def test_text_bytes(self, client: triton.InferenceServerClient, binary: bool) -> None:
-        texts = np.array([["great product, works exactly as described"],
-                          ["awful product, it broke after one day"]], dtype=object)
+        texts = np.array(
+            [
+                ["great product, works exactly as described"],
+                ["awful product, it broke after one day"],
+            ],
+            dtype=object,
+        )
         inp = triton.InferInput("text", [2, 1], "BYTES")
         inp.set_data_from_numpy(texts, binary_data=binary)
-        result = client.infer("sentiment", [inp], outputs=[
-            triton.InferRequestedOutput("label", binary_data=binary),
-            triton.InferRequestedOutput("probabilities", binary_data=binary)])
+        result = client.infer(
+            "sentiment",
+            [inp],
+            outputs=[
+                triton.InferRequestedOutput("label", binary_data=binary),
+                triton.InferRequestedOutput("probabilities", binary_data=binary),
+            ],
+        )
         labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]
         expected = reference("sentiment", 1, {"text": texts})
         assert labels == expected["label"].tolist() == ["positive", "negative"]
-        np.testing.assert_allclose(result.as_numpy("probabilities"),
-                                   expected["probabilities"], rtol=1e-6)
+        np.testing.assert_allclose(
+            result.as_numpy("probabilities"), expected["probabilities"], rtol=1e-6
+        )
 
     def test_errors_reach_the_client(self, client: triton.InferenceServerClient) -> None:
         inp = triton.InferInput("input", [1, 29], "FP32")
@@ -102,16 +120,18 @@ class TestTritonClient:
 class TestSimpleJson:
     def test_predict(self, server: Server) -> None:
         rows = RNG.normal(10, 5, (3, 30)).astype(np.float32)
-        resp = requests.post(f"{server.url}/v1/models/tabular/versions/1:predict",
-                             json={"instances": rows.tolist()}, timeout=10)
+        resp = requests.post(
+            f"{server.url}/v1/models/tabular/versions/1:predict",
+            json={"instances": rows.tolist()},
+            timeout=10,
+        )
         assert resp.status_code == 200
         expected = reference("tabular", 1, {"input": rows})
         assert [p["label"] for p in resp.json()["predictions"]] == expected["label"].tolist()
         assert resp.headers["X-Model-Version"] == "1"
 
     def test_default_model_and_aliases(self, server: Server) -> None:
-        resp = requests.post(f"{server.url}/predict", json={"instances": [[1.0] * 30]},
-                             timeout=10)
+        resp = requests.post(f"{server.url}/predict", json={"instances": [[1.0] * 30]}, timeout=10)
         assert resp.json()["model_name"] == "tabular"
         assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
         assert requests.get(f"{server.url}/readyz", timeout=5).status_code == 200
@@ -119,37 +139,57 @@ class TestSimpleJson:
         assert len(status["model_version_status"]) == 2
 
     def test_request_id_round_trip(self, server: Server) -> None:
-        resp = requests.get(f"{server.url}/v2", headers={"X-Request-ID": "e2e-rid-1"},
-                            timeout=5)
+        resp = requests.get(f"{server.url}/v2", headers={"X-Request-ID": "e2e-rid-1"}, timeout=5)
         assert resp.headers["X-Request-ID"] == "e2e-rid-1"
 
 
 class TestBadInputOnTheRealServer:
-    @pytest.mark.parametrize(("body", "headers", "status"), [
-        (b"{not json", {"Content-Type": "application/json"}, 400),
-        (b"[" * 100_000, {"Content-Type": "application/json"}, 400),
-        (b'{"inputs": []}', {"Content-Type": "text/plain"}, 415),
-        (b"x" * (9 * 1024 * 1024), {"Content-Type": "application/json"}, 413),
-        (b'{"inputs":[{"name":"input","shape":[1000000000000,30],"datatype":"FP32",'
-         b'"data":[1]}]}', {"Content-Type": "application/json"}, 413),
-    ], ids=["malformed", "deep", "media_type", "too_large", "absurd_shape"])
-    def test_clear_error_and_still_serving(self, server: Server, body: bytes,
-                                           headers: dict[str, str], status: int) -> None:
-        resp = requests.post(f"{server.url}/v2/models/tabular/infer", data=body,
-                             headers=headers, timeout=30)
+    @pytest.mark.parametrize(
+        ("body", "headers", "status"),
+        [
+            (b"{not json", {"Content-Type": "application/json"}, 400),
+            (b"[" * 100_000, {"Content-Type": "application/json"}, 400),
+            (b'{"inputs": []}', {"Content-Type": "text/plain"}, 415),
+            (b"x" * (9 * 1024 * 1024), {"Content-Type": "application/json"}, 413),
+            (
+                b'{"inputs":[{"name":"input","shape":[1000000000000,30],"datatype":"FP32",'
+                b'"data":[1]}]}',
+                {"Content-Type": "application/json"},
+                413,
+            ),
+        ],
+        ids=["malformed", "deep", "media_type", "too_large", "absurd_shape"],
+    )
+    def test_clear_error_and_still_serving(
+        self, server: Server, body: bytes, headers: dict[str, str], status: int
+    ) -> None:
+        resp = requests.post(
+            f"{server.url}/v2/models/tabular/infer", data=body, headers=headers, timeout=30
+        )
         assert resp.status_code == status
         assert set(resp.json()) == {"error", "error_code", "request_id"}
-        good = requests.post(f"{server.url}/v2/models/tabular/infer", json={"inputs": [
-            {"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [1.0] * 30}]},
-            timeout=10)
+        good = requests.post(
+            f"{server.url}/v2/models/tabular/infer",
+            json={
+                "inputs": [
+                    {"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [1.0] * 30}
+                ]
+            },
+            timeout=10,
+        )
         assert good.status_code == 200
 
     def test_encoded_path_tricks(self, server: Server) -> None:
-        for path in ("/v2/models/..%2F..%2Fetc%2Fpasswd/infer", "/v2/models/%2e%2e/infer",
-                     "/v2/models/tabular%2F..%2F..%2Fx/ready"):
+        for path in (
+            "/v2/models/..%2F..%2Fetc%2Fpasswd/infer",
+            "/v2/models/%2e%2e/infer",
+            "/v2/models/tabular%2F..%2F..%2Fx/ready",
+        ):
             with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
-                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
-                             "Connection: close\r\n\r\n{}".encode())
+                sock.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                    "Connection: close\r\n\r\n{}".encode()
+                )
                 reply = b""
                 while chunk := sock.recv(65536):
                     reply += chunk
@@ -160,16 +200,22 @@ class TestBadInputOnTheRealServer:
 
 def test_unix_socket(server: Server) -> None:
     conn = UnixHTTPConnection(server.socket_path)
-    body = json.dumps({"inputs": [{"name": "input", "shape": [1, 10], "datatype": "FP32",
-                                   "data": [0.01] * 10}]})
-    conn.request("POST", "/v2/models/regression/versions/1/infer", body=body,
-                 headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 10], "datatype": "FP32", "data": [0.01] * 10}]}
+    )
+    conn.request(
+        "POST",
+        "/v2/models/regression/versions/1/infer",
+        body=body,
+        headers={"Content-Type": "application/json"},
+    )
     resp = conn.getresponse()
     assert resp.status == 200
     doc = json.loads(resp.read())
     expected = reference("regression", 1, {"input": np.full((1, 10), 0.01, np.float32)})
-    np.testing.assert_allclose(doc["outputs"][0]["data"], expected["variable"].reshape(-1),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        doc["outputs"][0]["data"], expected["variable"].reshape(-1), rtol=1e-6
+    )
     mode = Path(server.socket_path).stat().st_mode & 0o777
     assert mode == 0o660
 
@@ -184,40 +230,66 @@ def test_metrics_sum_over_workers_and_pass_promtool(server: Server) -> None:
     x = [0.1] * 256
     for _ in range(sent):
         # A new connection per request, so the kernel spreads them over both workers.
-        resp = requests.post(f"{server.url}/v1/models/mlp:predict", json={"instances": [x]},
-                             headers={"Connection": "close"}, timeout=10)
+        resp = requests.post(
+            f"{server.url}/v1/models/mlp:predict",
+            json={"instances": [x]},
+            headers={"Connection": "close"},
+            timeout=10,
+        )
         assert resp.status_code == 200
     text = _scrape(server)
     assert _model_requests(text, "mlp") - before == sent
-    serving_pids = Counter(line["pid"] for line in server.log_lines()
-                           if line.get("event") == "request" and line.get("model") == "mlp")
+    serving_pids = Counter(
+        line["pid"]
+        for line in server.log_lines()
+        if line.get("event") == "request" and line.get("model") == "mlp"
+    )
     assert len(serving_pids) == 2, serving_pids  # both workers served, the scrape sums them
-    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
-                           text=True, timeout=30, check=False)
+    check = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip() == "" and check.stderr.strip() == ""
     families = {f.name for f in text_string_to_metric_families(text)}
-    assert {"onnx_appliance_requests", "onnx_appliance_request_duration_seconds",
-            "onnx_appliance_inference_duration_seconds", "onnx_appliance_requests_in_flight",
-            "onnx_appliance_models_loaded"} <= families
-    loaded = [s.value for f in text_string_to_metric_families(text)
-              if f.name == "onnx_appliance_models_loaded" for s in f.samples]
+    assert {
+        "onnx_appliance_requests",
+        "onnx_appliance_request_duration_seconds",
+        "onnx_appliance_inference_duration_seconds",
+        "onnx_appliance_requests_in_flight",
+        "onnx_appliance_models_loaded",
+    } <= families
+    loaded = [
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "onnx_appliance_models_loaded"
+        for s in f.samples
+    ]
     assert loaded == [5.0]
 
 
 def _model_requests(text: str, model: str) -> float:
-    return sum(s.value for f in text_string_to_metric_families(text)
-               if f.name == "onnx_appliance_requests" for s in f.samples
-               if s.name.endswith("_total") and s.labels["model"] == model)
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "onnx_appliance_requests"
+        for s in f.samples
+        if s.name.endswith("_total") and s.labels["model"] == model
+    )
 
 
 def test_logs_are_json_with_request_lines(server: Server) -> None:
-    requests.get(f"{server.url}/v2/models/tabular", headers={"X-Request-ID": "log-e2e"},
-                 timeout=5)
+    requests.get(f"{server.url}/v2/models/tabular", headers={"X-Request-ID": "log-e2e"}, timeout=5)
     time.sleep(0.2)
     lines = server.log_lines()  # every line parses as JSON, gunicorn's included
-    assert any(line.get("logger") == "gunicorn.error" and "Booting worker" in line["event"]
-               for line in lines)
+    assert any(
+        line.get("logger") == "gunicorn.error" and "Booting worker" in line["event"]
+        for line in lines
+    )
     (line,) = [x for x in lines if x.get("request_id") == "log-e2e"]
     assert line["event"] == "request"
     assert line["route"] == "/v2/models/{model}"
@@ -255,10 +327,17 @@ def _ts(stamp: str) -> float:
 def test_single_model_file_with_affinity_and_control_socket(tmp_path: Path) -> None:
     control = tmp_path / "gunicorn.ctl"
     model = DEMO_MODELS / "regression" / "1" / "model.onnx"
-    with run_server(tmp_path, "--model", str(model), "--name", "diabetes", "--cpu-affinity",
-                    "--control-socket", str(control)) as srv:
-        resp = requests.post(f"{srv.url}/predict", json={"instances": [[0.0] * 10]},
-                             timeout=10)
+    with run_server(
+        tmp_path,
+        "--model",
+        str(model),
+        "--name",
+        "diabetes",
+        "--cpu-affinity",
+        "--control-socket",
+        str(control),
+    ) as srv:
+        resp = requests.post(f"{srv.url}/predict", json={"instances": [[0.0] * 10]}, timeout=10)
         assert resp.status_code == 200
         assert resp.json()["model_name"] == "diabetes"
         assert requests.get(f"{srv.url}/v2/models/tabular", timeout=5).status_code == 404

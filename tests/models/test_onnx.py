@@ -21,10 +21,8 @@ def load(path: Path, **options: int) -> OnnxModel:
 
 def test_signature_from_the_model() -> None:
     model = load(DEMO_MODELS / "mlp" / "1" / "model.onnx")
-    assert [(s.name, s.datatype, s.shape) for s in model.inputs] == [("input", "FP32",
-                                                                       (-1, 256))]
-    assert [(s.name, s.datatype, s.shape) for s in model.outputs] == [("logits", "FP32",
-                                                                        (-1, 10))]
+    assert [(s.name, s.datatype, s.shape) for s in model.inputs] == [("input", "FP32", (-1, 256))]
+    assert [(s.name, s.datatype, s.shape) for s in model.outputs] == [("logits", "FP32", (-1, 10))]
     assert model.state is ModelState.READY
 
 
@@ -46,9 +44,13 @@ def test_validation_and_batch_limit() -> None:
 
 def test_inference_observer_sees_every_run() -> None:
     seen: list[tuple[str, str]] = []
-    model = OnnxModel("reg", 3, DEMO_MODELS / "regression" / "1" / "model.onnx",
-                      RuntimeOptions(warmup_runs=2),
-                      observer=lambda name, version, seconds: seen.append((name, version)))
+    model = OnnxModel(
+        "reg",
+        3,
+        DEMO_MODELS / "regression" / "1" / "model.onnx",
+        RuntimeOptions(warmup_runs=2),
+        observer=lambda name, version, seconds: seen.append((name, version)),
+    )
     model.load()
     assert seen == []  # warm-up is not traffic
     model.predict({"input": np.zeros((1, 10), dtype=np.float32)})
@@ -62,9 +64,12 @@ def test_warmup_failure_refuses_the_model(tmp_path: Path) -> None:
 
     shape = numpy_helper.from_array(np.array([3], dtype=np.int64), "shape")
     graph = helper.make_graph(
-        [helper.make_node("Reshape", ["x", "shape"], ["y"])], "bad",
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "bad",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], initializer=[shape])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+        initializer=[shape],
+    )
     model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model_proto.ir_version = 8
     path = onnx_factory.save(model_proto, tmp_path, "bad")

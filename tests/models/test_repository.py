@@ -63,14 +63,17 @@ def test_unknown_names(name: str) -> None:
         scan(DEMO_MODELS).get(name)
 
 
-@pytest.mark.parametrize(("toml", "fragment"), [
-    ("default_verison = 1\n", "default_verison"),
-    ("default_version = 7\n", "default_version 7 does not exist"),
-    ("intra_op_threads = 0\n", "intra_op_threads"),
-    ("warmup_runs = -1\n", "warmup_runs"),
-    ("labels = 3\n", "labels"),
-    ("default_version = \n", "unreadable"),
-])
+@pytest.mark.parametrize(
+    ("toml", "fragment"),
+    [
+        ("default_verison = 1\n", "default_verison"),
+        ("default_version = 7\n", "default_version 7 does not exist"),
+        ("intra_op_threads = 0\n", "intra_op_threads"),
+        ("warmup_runs = -1\n", "warmup_runs"),
+        ("labels = 3\n", "labels"),
+        ("default_version = \n", "unreadable"),
+    ],
+)
 def test_bad_model_toml(tmp_path: Path, toml: str, fragment: str) -> None:
     onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "m")
     (tmp_path / "m" / "model.toml").write_text(toml)
@@ -80,20 +83,24 @@ def test_bad_model_toml(tmp_path: Path, toml: str, fragment: str) -> None:
 
 def test_per_model_limits_and_threads(tmp_path: Path) -> None:
     onnx_factory.save(onnx_factory.two_inputs(), tmp_path, "m")
-    (tmp_path / "m" / "model.toml").write_text("max_batch_rows = 2\nintra_op_threads = 1\n"
-                                               "warmup_runs = 0\n")
+    (tmp_path / "m" / "model.toml").write_text(
+        "max_batch_rows = 2\nintra_op_threads = 1\nwarmup_runs = 0\n"
+    )
     model = next(scan(tmp_path).models())
     assert model.options.max_batch_rows == 2
     assert model.options.warmup_runs == 0
 
 
-@pytest.mark.parametrize(("layout", "fragment"), [
-    ("empty", "holds no models"),
-    ("no_versions", "has no version folders"),
-    ("no_model_file", "has no model.onnx"),
-    ("bad_name", "invalid name"),
-    ("corrupt", "not a readable ONNX model"),
-])
+@pytest.mark.parametrize(
+    ("layout", "fragment"),
+    [
+        ("empty", "holds no models"),
+        ("no_versions", "has no version folders"),
+        ("no_model_file", "has no model.onnx"),
+        ("bad_name", "invalid name"),
+        ("corrupt", "not a readable ONNX model"),
+    ],
+)
 def test_bad_layouts(tmp_path: Path, layout: str, fragment: str) -> None:
     if layout == "no_versions":
         (tmp_path / "m").mkdir()
@@ -122,8 +129,17 @@ def test_external_data_inside_the_version_folder_is_served(tmp_path: Path) -> No
     assert out["y"].tolist() == [[0.0, 1.0, 2.0, 3.0]]
 
 
-@pytest.mark.parametrize("location", ["../../secret.bin", "../secret.bin", "/etc/passwd",
-                                      "sub/../../secret.bin", "link.bin", "missing.bin"])
+@pytest.mark.parametrize(
+    "location",
+    [
+        "../../secret.bin",
+        "../secret.bin",
+        "/etc/passwd",
+        "sub/../../secret.bin",
+        "link.bin",
+        "missing.bin",
+    ],
+)
 def test_external_data_outside_is_refused(tmp_path: Path, location: str) -> None:
     root = tmp_path / "repo"
     path = onnx_factory.save(onnx_factory.with_external_data(location), root, "ext")

@@ -46,25 +46,35 @@ JSON_CASES: list[tuple[str, Any, int, str]] = [
     ("bools_to_float", tensor(data=[True] * 30), 400, "INVALID_INPUT"),
     ("null_in_data", tensor(data=[None] * 30), 400, "INVALID_INPUT"),
     ("objects_in_data", tensor(data=[{"a": 1}] * 30), 400, "INVALID_INPUT"),
-    ("no_data", tensor(data=None) | {"inputs": [{"name": "input", "shape": [1, 30],
-                                                 "datatype": "FP32"}]}, 400, "INVALID_INPUT"),
+    (
+        "no_data",
+        tensor(data=None) | {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32"}]},
+        400,
+        "INVALID_INPUT",
+    ),
     ("float_dim", tensor(shape=[1e12]), 400, "INVALID_INPUT"),
     ("huge_int_dim", tensor(shape=[10**12, 30]), 413, "PAYLOAD_TOO_LARGE"),
     ("negative_dim", tensor(shape=[-1, 30]), 400, "INVALID_INPUT"),
     ("shape_not_list", tensor(shape="1,30"), 400, "INVALID_INPUT"),
     ("bool_dim", tensor(shape=[True, 30]), 400, "INVALID_INPUT"),
-    ("deep_nesting_json", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
-     "INVALID_INPUT"),
-    ("deep_nesting_data", tensor(data=orjson.loads(b"[" * 200 + b"0.5" + b"]" * 200)), 400,
-     "INVALID_INPUT"),
+    ("deep_nesting_json", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "INVALID_INPUT"),
+    (
+        "deep_nesting_data",
+        tensor(data=orjson.loads(b"[" * 200 + b"0.5" + b"]" * 200)),
+        400,
+        "INVALID_INPUT",
+    ),
     ("id_not_string", {**GOOD, "id": 7}, 400, "INVALID_INPUT"),
     ("unknown_output", {**GOOD, "outputs": [{"name": "nope"}]}, 400, "INVALID_INPUT"),
     ("outputs_not_list", {**GOOD, "outputs": "label"}, 400, "INVALID_INPUT"),
     ("parameters_not_object", {**GOOD, "parameters": [1]}, 400, "INVALID_INPUT"),
-    ("binary_size_without_header", tensor(data=None, parameters={"binary_data_size": 120}),
-     400, "INVALID_INPUT"),
-    ("too_many_rows", tensor(shape=[1025, 30], data=[0.5] * 30 * 1025), 413,
-     "PAYLOAD_TOO_LARGE"),
+    (
+        "binary_size_without_header",
+        tensor(data=None, parameters={"binary_data_size": 120}),
+        400,
+        "INVALID_INPUT",
+    ),
+    ("too_many_rows", tensor(shape=[1025, 30], data=[0.5] * 30 * 1025), 413, "PAYLOAD_TOO_LARGE"),
 ]
 
 
@@ -83,11 +93,13 @@ def assert_still_serving(client: TestClient) -> None:
     assert result.status_code == 200, result.text
 
 
-@pytest.mark.parametrize(("body", "status", "code"), [c[1:] for c in JSON_CASES],
-                         ids=[c[0] for c in JSON_CASES])
+@pytest.mark.parametrize(
+    ("body", "status", "code"), [c[1:] for c in JSON_CASES], ids=[c[0] for c in JSON_CASES]
+)
 def test_bad_json_request(client: TestClient, body: Any, status: int, code: str) -> None:
-    result = client.simulate_post("/v2/models/tabular/infer", body=raw(body),
-                                  headers={"Content-Type": "application/json"})
+    result = client.simulate_post(
+        "/v2/models/tabular/infer", body=raw(body), headers={"Content-Type": "application/json"}
+    )
     assert_error(result, status, code)
     assert_still_serving(client)
 
@@ -103,34 +115,65 @@ BINARY_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("delta", "declared", "actual"), [c[1:] for c in BINARY_CASES],
-                         ids=[c[0] for c in BINARY_CASES])
-def test_bad_binary_request(client: TestClient, delta: int | None, declared: int,
-                            actual: int) -> None:
-    header = orjson.dumps({"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32",
-                                       "parameters": {"binary_data_size": declared}}]})
+@pytest.mark.parametrize(
+    ("delta", "declared", "actual"), [c[1:] for c in BINARY_CASES], ids=[c[0] for c in BINARY_CASES]
+)
+def test_bad_binary_request(
+    client: TestClient, delta: int | None, declared: int, actual: int
+) -> None:
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": [1, 30],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": declared},
+                }
+            ]
+        }
+    )
     length = 0 if delta is None else len(header) + delta
     result = client.simulate_post(
-        "/v2/models/tabular/infer", body=header + b"\0" * actual,
-        headers={"Inference-Header-Content-Length": str(length),
-                 "Content-Type": "application/octet-stream"})
+        "/v2/models/tabular/infer",
+        body=header + b"\0" * actual,
+        headers={
+            "Inference-Header-Content-Length": str(length),
+            "Content-Type": "application/octet-stream",
+        },
+    )
     assert_error(result, 400, "INVALID_INPUT")
     assert_still_serving(client)
 
 
 def test_header_length_not_a_number(client: TestClient) -> None:
-    result = client.simulate_post("/v2/models/tabular/infer", body=raw(GOOD),
-                                  headers={"Inference-Header-Content-Length": "12abc"})
+    result = client.simulate_post(
+        "/v2/models/tabular/infer",
+        body=raw(GOOD),
+        headers={"Inference-Header-Content-Length": "12abc"},
+    )
     assert_error(result, 400, "INVALID_INPUT")
 
 
 def test_truncated_binary_bytes_element(client: TestClient) -> None:
     payload = (100).to_bytes(4, "little") + b"short"
-    header = orjson.dumps({"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES",
-                                       "parameters": {"binary_data_size": len(payload)}}]})
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "text",
+                    "shape": [1, 1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(payload)},
+                }
+            ]
+        }
+    )
     result = client.simulate_post(
-        "/v2/models/sentiment/infer", body=header + payload,
-        headers={"Inference-Header-Content-Length": str(len(header))})
+        "/v2/models/sentiment/infer",
+        body=header + payload,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
     assert_error(result, 400, "INVALID_INPUT")
     assert_still_serving(client)
 
@@ -142,32 +185,55 @@ def test_body_over_limit_is_413(extra_client: TestClient) -> None:
     assert_error(result, 413, "PAYLOAD_TOO_LARGE")
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
-                                          "multipart/form-data; boundary=x", "application/xml"])
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/xml",
+    ],
+)
 def test_unsupported_content_type_is_415(client: TestClient, content_type: str) -> None:
-    result = client.simulate_post("/v2/models/tabular/infer", body=raw(GOOD),
-                                  headers={"Content-Type": content_type})
+    result = client.simulate_post(
+        "/v2/models/tabular/infer", body=raw(GOOD), headers={"Content-Type": content_type}
+    )
     assert_error(result, 415, "UNSUPPORTED_MEDIA_TYPE")
-    result = client.simulate_post("/v1/models/tabular:predict", body=b'{"instances": [[1]]}',
-                                  headers={"Content-Type": content_type})
+    result = client.simulate_post(
+        "/v1/models/tabular:predict",
+        body=b'{"instances": [[1]]}',
+        headers={"Content-Type": content_type},
+    )
     assert_error(result, 415, "UNSUPPORTED_MEDIA_TYPE")
     assert_still_serving(client)
 
 
 def test_json_with_charset_is_accepted(client: TestClient) -> None:
-    result = client.simulate_post("/v2/models/tabular/infer", body=raw(GOOD),
-                                  headers={"Content-Type": "application/json; charset=utf-8"})
+    result = client.simulate_post(
+        "/v2/models/tabular/infer",
+        body=raw(GOOD),
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
     assert result.status_code == 200
 
 
-@pytest.mark.parametrize("path", [
-    "/v2/models/nope/infer", "/v2/models/tabular/versions/3/infer",
-    "/v2/models/tabular/versions/abc/infer", "/v2/models/tabular/versions/0/infer",
-    "/v2/models/%2e%2e/infer", "/v2/models/%2E%2E%2Ftabular/infer",
-    "/v2/models/..%2F..%2Fetc%2Fpasswd/infer", "/v2/models/tabular%00/infer",
-    "/v2/models/%252e%252e/infer", "/v2/models/tabular/versions/%2e%2e/infer",
-    "/v1/models/%2e%2e:predict", "/v1/models/..%2ftabular:predict",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/models/nope/infer",
+        "/v2/models/tabular/versions/3/infer",
+        "/v2/models/tabular/versions/abc/infer",
+        "/v2/models/tabular/versions/0/infer",
+        "/v2/models/%2e%2e/infer",
+        "/v2/models/%2E%2E%2Ftabular/infer",
+        "/v2/models/..%2F..%2Fetc%2Fpasswd/infer",
+        "/v2/models/tabular%00/infer",
+        "/v2/models/%252e%252e/infer",
+        "/v2/models/tabular/versions/%2e%2e/infer",
+        "/v1/models/%2e%2e:predict",
+        "/v1/models/..%2ftabular:predict",
+    ],
+)
 def test_unknown_or_tricky_model_is_404(client: TestClient, path: str) -> None:
     result = client.simulate_post(path, body=raw(GOOD))
     assert result.status_code == 404, result.text
@@ -188,26 +254,57 @@ def test_unknown_route_is_404_json(client: TestClient) -> None:
 
 def test_fixed_shape_model_rejects_other_shapes(extra_client: TestClient) -> None:
     body = {"inputs": [{"name": "x", "shape": [3, 2], "datatype": "FP32", "data": [1] * 6}]}
-    assert_error(extra_client.simulate_post("/v2/models/fixed/infer", json=body), 400,
-                 "INVALID_INPUT")
+    assert_error(
+        extra_client.simulate_post("/v2/models/fixed/infer", json=body), 400, "INVALID_INPUT"
+    )
     body["inputs"][0]["shape"] = [2, 3]
     result = extra_client.simulate_post("/v2/models/fixed/infer", json=body)
     assert result.json["outputs"][0]["data"] == [2.0] * 6
 
 
-@pytest.mark.parametrize(("datatype", "data"), [
-    ("UINT8", [256, 0, 0, 0]), ("INT8", [-129, 0, 0, 0]), ("UINT64", [-1, 0, 0, 0]),
-    ("INT32", [1.5, 0, 0, 0]), ("BOOL", [1, 0, 1, 0]), ("BYTES", [1, 2, 3, 4]),
-    ("INT64", [2**64, 0, 0, 0]),
-])
-def test_values_that_do_not_fit_the_datatype(extra_client: TestClient, datatype: str,
-                                             data: list[Any]) -> None:
-    body = {"inputs": [{"name": f"x_{dt.lower()}", "shape": [2, 2], "datatype": dt,
-                        "data": data if dt == datatype else _zeros(dt)}
-                       for dt in ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8",
-                                  "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES")]}
-    assert_error(extra_client.simulate_post("/v2/models/all_types/infer", json=body), 400,
-                 "INVALID_INPUT")
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("UINT8", [256, 0, 0, 0]),
+        ("INT8", [-129, 0, 0, 0]),
+        ("UINT64", [-1, 0, 0, 0]),
+        ("INT32", [1.5, 0, 0, 0]),
+        ("BOOL", [1, 0, 1, 0]),
+        ("BYTES", [1, 2, 3, 4]),
+        ("INT64", [2**64, 0, 0, 0]),
+    ],
+)
+def test_values_that_do_not_fit_the_datatype(
+    extra_client: TestClient, datatype: str, data: list[Any]
+) -> None:
+    body = {
+        "inputs": [
+            {
+                "name": f"x_{dt.lower()}",
+                "shape": [2, 2],
+                "datatype": dt,
+                "data": data if dt == datatype else _zeros(dt),
+            }
+            for dt in (
+                "BOOL",
+                "UINT8",
+                "UINT16",
+                "UINT32",
+                "UINT64",
+                "INT8",
+                "INT16",
+                "INT32",
+                "INT64",
+                "FP16",
+                "FP32",
+                "FP64",
+                "BYTES",
+            )
+        ]
+    }
+    assert_error(
+        extra_client.simulate_post("/v2/models/all_types/infer", json=body), 400, "INVALID_INPUT"
+    )
 
 
 def _zeros(datatype: str) -> list[Any]:
@@ -222,8 +319,12 @@ def test_missing_input_of_several(extra_client: TestClient) -> None:
 
 
 def test_inputs_with_different_batch_sizes_fail_cleanly(extra_client: TestClient) -> None:
-    body = {"inputs": [{"name": "a", "shape": [2, 3], "datatype": "FP32", "data": [1] * 6},
-                       {"name": "b", "shape": [3, 3], "datatype": "FP32", "data": [1] * 9}]}
+    body = {
+        "inputs": [
+            {"name": "a", "shape": [2, 3], "datatype": "FP32", "data": [1] * 6},
+            {"name": "b", "shape": [3, 3], "datatype": "FP32", "data": [1] * 9},
+        ]
+    }
     result = extra_client.simulate_post("/v2/models/two_inputs/infer", json=body)
     assert_error(result, 400, "INFERENCE_FAILED")
     assert "onnxruntime_src" not in result.json["error"]

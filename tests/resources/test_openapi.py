@@ -34,6 +34,10 @@ def test_inference_routes_document_errors(client: TestClient) -> None:
     infer = doc["paths"]["/v2/models/{model}/infer"]["post"]
     assert {"400", "404", "413", "415", "503"} <= set(infer["responses"])
     assert infer["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
-        "InferRequest")
-    assert doc["components"]["schemas"]["Error"]["required"] == ["error", "error_code",
-                                                                 "request_id"]
+        "InferRequest"
+    )
+    assert doc["components"]["schemas"]["Error"]["required"] == [
+        "error",
+        "error_code",
+        "request_id",
+    ]

@@ -22,29 +22,34 @@ def test_predict_matches_onnxruntime(client: TestClient) -> None:
     assert doc["model_name"] == "tabular"
     assert doc["model_version"] == "2"
     assert [p["label"] for p in doc["predictions"]] == labels.tolist()
-    np.testing.assert_allclose([p["probabilities"] for p in doc["predictions"]], probs,
-                               rtol=1e-6)
+    np.testing.assert_allclose([p["probabilities"] for p in doc["predictions"]], probs, rtol=1e-6)
 
 
 def test_versioned_predict(client: TestClient) -> None:
-    result = client.simulate_post("/v1/models/tabular/versions/1:predict",
-                                  json={"instances": ROWS})
+    result = client.simulate_post("/v1/models/tabular/versions/1:predict", json={"instances": ROWS})
     assert result.json["model_version"] == "1"
     assert result.headers["X-Model-Version"] == "1"
 
 
 def test_single_output_model_gives_plain_rows(client: TestClient) -> None:
-    result = client.simulate_post("/v1/models/regression:predict",
-                                  json={"instances": [[0.01] * 10, [0.05] * 10]})
+    result = client.simulate_post(
+        "/v1/models/regression:predict", json={"instances": [[0.01] * 10, [0.05] * 10]}
+    )
     predictions = result.json["predictions"]
     assert len(predictions) == 2
     assert all(isinstance(p, list) and len(p) == 1 for p in predictions)
 
 
 def test_text_rows_without_trailing_dimension(client: TestClient) -> None:
-    result = client.simulate_post("/v1/models/sentiment:predict", json={
-        "instances": ["delivery was fast and the packaging was perfect",
-                      "the battery dies within an hour, useless"]})
+    result = client.simulate_post(
+        "/v1/models/sentiment:predict",
+        json={
+            "instances": [
+                "delivery was fast and the packaging was perfect",
+                "the battery dies within an hour, useless",
+            ]
+        },
+    )
     assert [p["label"] for p in result.json["predictions"]] == ["positive", "negative"]
 
 
@@ -55,42 +60,54 @@ def test_default_model_predict(client: TestClient) -> None:
 
 
 def test_several_inputs_as_objects(extra_client: TestClient) -> None:
-    result = extra_client.simulate_post("/v1/models/two_inputs:predict", json={
-        "instances": [{"a": [1, 2, 3], "b": [1, 1, 1]}, {"a": [0, 0, 0], "b": [1, 2, 3]}]})
+    result = extra_client.simulate_post(
+        "/v1/models/two_inputs:predict",
+        json={"instances": [{"a": [1, 2, 3], "b": [1, 1, 1]}, {"a": [0, 0, 0], "b": [1, 2, 3]}]},
+    )
     assert result.json["predictions"] == [
         {"sum": [2.0, 3.0, 4.0], "diff": [0.0, 1.0, 2.0]},
-        {"sum": [1.0, 2.0, 3.0], "diff": [-1.0, -2.0, -3.0]}]
+        {"sum": [1.0, 2.0, 3.0], "diff": [-1.0, -2.0, -3.0]},
+    ]
 
 
 def test_model_status(client: TestClient) -> None:
     doc = client.simulate_get("/v1/models/tabular").json
     assert doc["default_version"] == "2"
     assert [(v["version"], v["state"]) for v in doc["model_version_status"]] == [
-        ("1", "AVAILABLE"), ("2", "AVAILABLE")]
+        ("1", "AVAILABLE"),
+        ("2", "AVAILABLE"),
+    ]
 
 
-@pytest.mark.parametrize(("body", "status", "code"), [
-    ({"instances": []}, 400, "INVALID_INPUT"),
-    ({"instances": "x"}, 400, "INVALID_INPUT"),
-    ({"rows": [[1]]}, 400, "INVALID_INPUT"),
-    ([1, 2], 400, "INVALID_INPUT"),
-    ({"instances": [[0.5] * 30, [0.5] * 29]}, 400, "INVALID_INPUT"),
-    ({"instances": [["a"] * 30]}, 400, "INVALID_INPUT"),
-    ({"instances": [[0.5] * 31]}, 400, "INVALID_INPUT"),
-    ({"instances": [[0.5] * 30] * 1025}, 413, "PAYLOAD_TOO_LARGE"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"instances": []}, 400, "INVALID_INPUT"),
+        ({"instances": "x"}, 400, "INVALID_INPUT"),
+        ({"rows": [[1]]}, 400, "INVALID_INPUT"),
+        ([1, 2], 400, "INVALID_INPUT"),
+        ({"instances": [[0.5] * 30, [0.5] * 29]}, 400, "INVALID_INPUT"),
+        ({"instances": [["a"] * 30]}, 400, "INVALID_INPUT"),
+        ({"instances": [[0.5] * 31]}, 400, "INVALID_INPUT"),
+        ({"instances": [[0.5] * 30] * 1025}, 413, "PAYLOAD_TOO_LARGE"),
+    ],
+)
 def test_bad_instances(client: TestClient, body: object, status: int, code: str) -> None:
     assert_error(client.simulate_post("/v1/models/tabular:predict", json=body), status, code)
     assert client.simulate_post("/predict", json={"instances": ROWS}).status_code == 200
 
 
 def test_several_inputs_need_exact_keys(extra_client: TestClient) -> None:
-    result = extra_client.simulate_post("/v1/models/two_inputs:predict", json={
-        "instances": [{"a": [1, 2, 3]}]})
+    result = extra_client.simulate_post(
+        "/v1/models/two_inputs:predict", json={"instances": [{"a": [1, 2, 3]}]}
+    )
     assert_error(result, 400, "INVALID_INPUT")
 
 
 def test_unknown_model(client: TestClient) -> None:
-    assert_error(client.simulate_post("/v1/models/nope:predict", json={"instances": [[1]]}),
-                 404, "MODEL_NOT_FOUND")
+    assert_error(
+        client.simulate_post("/v1/models/nope:predict", json={"instances": [[1]]}),
+        404,
+        "MODEL_NOT_FOUND",
+    )
     assert_error(client.simulate_get("/v1/models/nope"), 404, "MODEL_NOT_FOUND")
