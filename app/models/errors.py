@@ -49,3 +49,15 @@ class InferenceFailed(ServingError):
 
 class RepositoryError(Exception):
     """The model repository (or one model in it) cannot be served; message is one line."""
+
+
+class Overloaded(ServingError):
+    """Too many requests are already running or queued for this model; retry shortly."""
+
+    code = "OVERLOADED"
+
+
+class InferenceTimeout(ServingError):
+    """The request's deadline passed before or during its inference."""
+
+    code = "TIMEOUT"

@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 import structlog
 
-from app.models.errors import InferenceFailed, InvalidInput, PayloadTooLarge, RepositoryError
+from app.models.errors import (
+    InferenceFailed,
+    InferenceTimeout,
+    InvalidInput,
+    PayloadTooLarge,
+    RepositoryError,
+)
+from app.models.scheduling import WATCHDOG, Gate
 from app.models.signature import ORT_TO_DATATYPE, TensorSpec, dims_from_ort
 
 log = structlog.get_logger(__name__)
@@ -40,12 +47,18 @@ class RuntimeOptions:
         inter_op_threads: Threads for independent graph branches.
         warmup_runs: Inference runs on synthetic inputs before the model is ready.
         max_batch_rows: Largest first dimension accepted on batched inputs.
+        timeout: Default deadline of a request, in seconds from its arrival.
+        max_concurrency: Session runs of this model at once, per worker.
+        max_queue: Requests that may wait for a run slot, per worker; more are shed.
     """
 
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     warmup_runs: int = 3
     max_batch_rows: int = 1024
+    timeout: float = 30.0
+    max_concurrency: int = 1
+    max_queue: int = 64
 
 
 class OnnxModel:
@@ -74,7 +87,9 @@ class OnnxModel:
         self._inputs_by_name: dict[str, TensorSpec] = {}
         self._output_names: frozenset[str] = frozenset()
         self._session: Any = None
-        self._observer = observer
+        self._run_options: Any = None
+        self.observer = observer
+        self.gate = Gate(options.max_concurrency, options.max_queue)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -108,6 +123,7 @@ class OnnxModel:
         self._inputs_by_name = {spec.name: spec for spec in self.inputs}
         self._output_names = frozenset(spec.name for spec in self.outputs)
         self._session = session
+        self._run_options = ort.RunOptions
         self.warmup()
         self.state = ModelState.READY
 
@@ -205,38 +221,71 @@ class OnnxModel:
             )
 
     def predict(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Validate and run one inference.
+        """Validate, wait for a run slot and run one inference.
 
         Args:
             inputs: Arrays by input name.
             outputs: Output names to compute; ``None`` for all.
+            deadline: ``time.monotonic()`` by which the answer is due; a run still going
+                then is cancelled. ``None`` waits as long as it takes.
 
         Returns:
             Arrays by output name, in the order asked for (or the model's order).
 
         Raises:
             InvalidInput, PayloadTooLarge: the feed does not fit the model.
+            Overloaded: too many requests queued for this model.
+            InferenceTimeout: the deadline passed before or during the run.
             InferenceFailed: onnxruntime rejected the values.
         """
         self.validate(inputs)
         names = [s.name for s in self.outputs] if outputs is None else list(outputs)
         if outputs is not None:
             self.check_outputs(names)
+        self.gate.acquire(deadline, repr(self.name))
+        try:
+            return dict(zip(names, self._run(names, inputs, deadline), strict=True))
+        finally:
+            self.gate.release()
+
+    def _run(
+        self, names: list[str], inputs: Mapping[str, np.ndarray], deadline: float | None
+    ) -> list[np.ndarray]:
+        options, token = None, 0
+        if deadline is not None:
+            if time.monotonic() >= deadline:
+                raise InferenceTimeout(
+                    f"model {self.name!r} could not start before the request's deadline"
+                )
+            options = self._run_options()
+            options.log_severity_level = 4  # a cancelled run is expected, not an error
+            token = WATCHDOG.watch(deadline, options)
         start = time.perf_counter()
         try:
-            results = self._session.run(names, dict(inputs))
+            results: list[np.ndarray] = self._session.run(names, dict(inputs), options)
         except Exception as exc:
+            if options is not None and options.terminate:
+                raise InferenceTimeout(
+                    f"inference of model {self.name!r} overran the request's deadline and "
+                    "was cancelled"
+                ) from None
             log.warning(
                 "inference_failed", model=self.name, version=self.version_str, error=str(exc)
             )
             raise InferenceFailed(
                 f"model {self.name!r} could not run on these inputs{_client_message(exc)}"
             ) from None
-        if self._observer is not None:
-            self._observer(self.name, self.version_str, time.perf_counter() - start)
-        return dict(zip(names, results, strict=True))
+        finally:
+            if token:
+                WATCHDOG.done(token)
+        if self.observer is not None:
+            self.observer(self.name, self.version_str, time.perf_counter() - start)
+        return results
 
     def metadata(self) -> dict[str, Any]:
         """Open Inference Protocol model metadata for this version."""

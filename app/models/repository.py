@@ -7,6 +7,7 @@ warms them up; it runs in each worker after fork.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from collections.abc import Iterator
@@ -37,6 +38,11 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         inter_op_threads: Overrides the server-wide inter-op thread count for this model.
         max_batch_rows: Largest batch per request for this model (at most the global limit).
         warmup_runs: Warm-up inferences per version (0 disables warm-up).
+        timeout_ms: Default deadline of a request to this model; clients may only lower it.
+        max_concurrency: Runs of this model at once per worker.
+        max_queue: Requests that may wait for a run slot per worker; more get 503.
+        traffic: Weights by version for requests that name no version, e.g.
+            ``{"1" = 90, "2" = 10}``; routing is sticky per request id.
         labels: Class names, shown in metadata for clients.
         description: Free text shown in metadata.
     """
@@ -46,6 +52,10 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     inter_op_threads: int | None = None
     max_batch_rows: int | None = None
     warmup_runs: int | None = None
+    timeout_ms: int | None = None
+    max_concurrency: int | None = None
+    max_queue: int | None = None
+    traffic: dict[str, int] = msgspec.field(default_factory=dict)
     labels: list[str] = msgspec.field(default_factory=list)
     description: str = ""
 
@@ -62,6 +72,20 @@ class ModelEntry:
     def default_version(self) -> int:
         """The configured default, or the newest version."""
         return self.config.default_version or max(self.versions)
+
+    def route(self, routing_key: str | None) -> int:
+        """The version for a request that names none: by traffic weight, sticky per key."""
+        weights = self.config.traffic
+        if not weights or routing_key is None:
+            return self.default_version
+        total = sum(weights.values())
+        digest = hashlib.blake2b(f"{self.name}\0{routing_key}".encode(), digest_size=8).digest()
+        point = int.from_bytes(digest, "big") % total
+        for version, weight in weights.items():
+            if point < weight:
+                return int(version)
+            point -= weight
+        return self.default_version  # unreachable: the points cover the total
 
     def version_states(self) -> list[dict[str, str]]:
         """``[{version, state}]`` sorted by version."""
@@ -144,6 +168,11 @@ class Repository:
         entry.versions[1] = OnnxModel(name, 1, path.resolve(), options, observer)
         return cls({name: entry})
 
+    def set_observer(self, observer: InferenceObserver | None) -> None:
+        """Report every session run of every model to ``observer`` (a worker's metrics)."""
+        for model in self.models():
+            model.observer = observer
+
     def load(self) -> None:
         """Create every session and warm it up; afterwards the repository is ready.
 
@@ -185,8 +214,15 @@ class Repository:
             )
         return entry
 
-    def get(self, name: str, version: str | None = None) -> OnnxModel:
-        """The version to serve: the one asked for, or the model's default.
+    def get(
+        self, name: str, version: str | None = None, routing_key: str | None = None
+    ) -> OnnxModel:
+        """The version to serve: the one asked for, else by traffic split, else the default.
+
+        Args:
+            name: Model name.
+            version: Version from the URL, if any.
+            routing_key: Sticky key for traffic splits (the request id).
 
         Raises:
             ModelNotFound: unknown model or version.
@@ -194,7 +230,7 @@ class Repository:
         """
         entry = self.entry(name)
         if version is None:
-            model = entry.versions[entry.default_version]
+            model = entry.versions[entry.route(routing_key)]
         else:
             number = int(version) if VERSION_RE.match(version) else None
             found = entry.versions.get(number) if number is not None else None
@@ -235,6 +271,9 @@ def _scan_model(
         inter_op_threads=config.inter_op_threads or options.inter_op_threads,
         warmup_runs=options.warmup_runs if config.warmup_runs is None else config.warmup_runs,
         max_batch_rows=min(config.max_batch_rows or options.max_batch_rows, options.max_batch_rows),
+        timeout=config.timeout_ms / 1000 if config.timeout_ms else options.timeout,
+        max_concurrency=config.max_concurrency or options.max_concurrency,
+        max_queue=options.max_queue if config.max_queue is None else config.max_queue,
     )
     for version_dir in sorted(model_dir.iterdir()):
         if not version_dir.is_dir() or not VERSION_RE.match(version_dir.name):
@@ -253,11 +292,22 @@ def _scan_model(
         raise RepositoryError(
             f"model {name!r} has no version folders (expected {name}/1/{MODEL_FILE})"
         )
+    versions = ", ".join(map(str, sorted(entry.versions)))
     if config.default_version is not None and config.default_version not in entry.versions:
         raise RepositoryError(
             f"model {name!r}: default_version {config.default_version} does not exist "
-            f"(versions: {', '.join(map(str, sorted(entry.versions)))})"
+            f"(versions: {versions})"
         )
+    for split, weight in config.traffic.items():
+        if not VERSION_RE.match(split) or int(split) not in entry.versions:
+            raise RepositoryError(
+                f"model {name!r}: traffic names version {split!r}, which does not exist "
+                f"(versions: {versions})"
+            )
+        if weight < 0:
+            raise RepositoryError(f"model {name!r}: traffic weight for {split} is negative")
+    if config.traffic and sum(config.traffic.values()) <= 0:
+        raise RepositoryError(f"model {name!r}: traffic weights add up to 0")
     return entry
 
 
@@ -274,12 +324,21 @@ def _read_config(model_dir: Path) -> ModelConfig:
         ) from None
     except msgspec.ValidationError as exc:
         raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {exc}") from None
-    for key in ("intra_op_threads", "inter_op_threads", "max_batch_rows", "default_version"):
+    for key in (
+        "intra_op_threads",
+        "inter_op_threads",
+        "max_batch_rows",
+        "default_version",
+        "timeout_ms",
+        "max_concurrency",
+    ):
         value = getattr(config, key)
         if value is not None and value < 1:
             raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {key} must be >= 1")
-    if config.warmup_runs is not None and config.warmup_runs < 0:
-        raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: warmup_runs must be >= 0")
+    for key in ("warmup_runs", "max_queue"):
+        value = getattr(config, key)
+        if value is not None and value < 0:
+            raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {key} must be >= 0")
     return config
 
 
