@@ -60,8 +60,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             f"{PREFIX}_requests",
-            "HTTP requests answered, by route, method, status and model.",
-            ["route", "method", "status", "model", "version"],
+            "HTTP requests answered, by route, method, status, model, version and API key id.",
+            ["route", "method", "status", "model", "version", "key"],
             registry=r,
         )
         self.request_duration = Histogram(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -10,7 +11,10 @@ from typing import Any
 import falcon
 import structlog
 
+from app.errors import ApiError
+from app.keys import KeyStore
 from app.metrics import Metrics
+from app.ratelimit import RateLimiter
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -39,15 +43,17 @@ class RequestContext:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._children: dict[tuple[str, str, int, str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, int, str, str, str], tuple[Any, Any]] = {}
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Start the clock and bind the request id."""
         ctx = req.context
         ctx.start = time.perf_counter()
+        ctx.arrived = time.monotonic()
         ctx.request_id = request_id_from(req.get_header(REQUEST_ID_HEADER))
         ctx.model = ""
         ctx.version = ""
+        ctx.key_id = ""
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
         self._metrics.in_flight.inc()
@@ -63,13 +69,15 @@ class RequestContext:
         method = req.method if req.method in _METHODS else "other"
         status = resp.status_code
         self._metrics.in_flight.dec()
-        key = (route, method, status, ctx.model, ctx.version)
+        key = (route, method, status, ctx.model, ctx.version, ctx.key_id)
         children = self._children.get(key)
         if children is None:
             # labels() costs more than the increment itself; every label here comes from a
             # bounded set (route templates, known models), so the cache stays small.
             children = (
-                self._metrics.requests.labels(route, method, str(status), ctx.model, ctx.version),
+                self._metrics.requests.labels(
+                    route, method, str(status), ctx.model, ctx.version, ctx.key_id
+                ),
                 self._metrics.request_duration.labels(route, ctx.model),
             )
             self._children[key] = children
@@ -85,3 +93,65 @@ class RequestContext:
             model=ctx.model or None,
             version=ctx.version or None,
         )
+
+
+#: Routes anyone may call: probes for load balancers and orchestrators, and the scrape
+#: (NGINX restricts /metrics to its allow-list).
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/healthz", "/readyz", "/metrics"})
+
+
+class Authenticator:
+    """Requires an API key when keys are configured, and applies each key's rate limit.
+
+    Args:
+        keys: The configured keys; when empty every request passes (open mode).
+        limiter: Shared token buckets, or None for no rate limiting.
+        rate: Default requests per second per key (0: unlimited).
+        burst: Default bucket size per key.
+    """
+
+    def __init__(
+        self, keys: KeyStore, limiter: RateLimiter | None, rate: float, burst: int
+    ) -> None:
+        self._keys = keys
+        self._limiter = limiter
+        self._rate = rate
+        self._burst = burst
+
+    def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Authenticate, then take a token from the key's bucket.
+
+        Raises:
+            ApiError: UNAUTHENTICATED (401) or RATE_LIMITED (429 with Retry-After).
+        """
+        if not self._keys.enabled or req.path in OPEN_PATHS or req.method == "OPTIONS":
+            return
+        token = _presented_key(req)
+        key = self._keys.verify(token) if token else None
+        if key is None:
+            raise ApiError(
+                "UNAUTHENTICATED",
+                "a valid API key is required: send Authorization: Bearer <key> or X-API-Key",
+                {"WWW-Authenticate": 'Bearer realm="onnx-appliance"'},
+            )
+        req.context.key_id = key.id
+        structlog.contextvars.bind_contextvars(key_id=key.id)
+        if self._limiter is None:
+            return
+        rate = self._rate if key.rate is None else key.rate
+        burst = self._burst if key.burst is None else key.burst
+        wait = self._limiter.take(self._keys.slots[key.id], rate, burst)
+        if wait > 0:
+            raise ApiError(
+                "RATE_LIMITED",
+                f"rate limit of {rate:g} requests per second for this key exceeded",
+                {"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+
+
+def _presented_key(req: falcon.Request) -> str:
+    auth = req.get_header("Authorization") or ""
+    scheme, _, value = auth.strip().partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return (req.get_header("X-API-Key") or "").strip()

@@ -24,6 +24,7 @@ ENV_PREFIX = "ONNX_APPLIANCE_"
 #: Where the CLI finds the configuration file when --config is not given.
 CONFIG_ENV = "ONNX_APPLIANCE_CONFIG"
 
+_ORIGIN_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
 _BIND_RE = re.compile(r"^(unix:/.+|\[[0-9a-fA-F:]+\]:\d{1,5}|[A-Za-z0-9.-]+:\d{1,5})$")
 
 
@@ -55,6 +56,13 @@ class ServerSettings(_Section):
         max_requests_jitter: Random extra requests before recycling, to spread restarts.
         control_socket: Path of gunicorn's control socket, or "" for none.
         socket_mode: Octal mode of a unix listening socket.
+        runtime_dir: Directory for worker readiness markers, rate-limit state and (unless
+            metrics.multiproc_dir says otherwise) metric files; "" takes
+            ``$RUNTIME_DIRECTORY`` (systemd) or a private temporary directory.
+        pidfile: Where the master writes its pid ("" for nowhere); ``onnx-appliance reload``
+            reads it.
+        reload_timeout: Seconds new workers get to load and warm up on a reload before the
+            reload is abandoned and the old workers keep serving.
     """
 
     bind: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8000"])
@@ -72,6 +80,9 @@ class ServerSettings(_Section):
     max_requests_jitter: int = 0
     control_socket: str = ""
     socket_mode: int = 0o660
+    runtime_dir: str = ""
+    pidfile: str = ""
+    reload_timeout: int = 120
 
 
 class ModelsSettings(_Section):
@@ -97,11 +108,46 @@ class LimitsSettings(_Section):
         max_batch_rows: Largest batch (first dimension) per request unless a model sets less.
         max_tensor_elements: Largest element count of one input tensor; checked from the
             declared shape before anything is allocated.
+        timeout_ms: Default deadline of a request from its arrival (at NGINX when it sends
+            ``X-Request-Start``); a model.toml may change it, a client may only lower it.
+        max_concurrency: Session runs of one model at once per worker; 0 means cores / workers.
+        max_queue: Requests per model and worker that may wait for a run slot; more get 503.
     """
 
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_rows: int = 1024
     max_tensor_elements: int = 4 * 1024 * 1024
+    timeout_ms: int = 30_000
+    max_concurrency: int = 0
+    max_queue: int = 64
+
+
+class AuthSettings(_Section):
+    """API keys and their rate limits.
+
+    Attributes:
+        keys_file: File of hashed keys managed by ``onnx-appliance keys``. When it holds at
+            least one key, every route but health, readiness and metrics needs a key.
+        required: Refuse to start when no key is configured (instead of serving openly).
+        rate: Default requests per second per key (a key's own rate wins); 0 = unlimited.
+        burst: Default bucket size per key: requests allowed at once after idling.
+    """
+
+    keys_file: str = "/etc/onnx-appliance/api-keys"
+    required: bool = False
+    rate: float = 100.0
+    burst: int = 200
+
+
+class CorsSettings(_Section):
+    """Cross-origin requests from browsers.
+
+    Attributes:
+        allow_origins: Origins allowed to call the API (``https://app.example.com``); empty
+            allows none.
+    """
+
+    allow_origins: list[str] = msgspec.field(default_factory=list)
 
 
 class LoggingSettings(_Section):
@@ -137,6 +183,8 @@ class Settings(_Section):
     limits: LimitsSettings = msgspec.field(default_factory=LimitsSettings)
     logging: LoggingSettings = msgspec.field(default_factory=LoggingSettings)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    cors: CorsSettings = msgspec.field(default_factory=CorsSettings)
 
     def effective_workers(self) -> int:
         """Worker count with 0 resolved to the number of usable cores."""
@@ -147,6 +195,10 @@ class Settings(_Section):
         if self.server.intra_op_threads:
             return self.server.intra_op_threads
         return max(1, cpu_count() // self.effective_workers())
+
+    def effective_max_concurrency(self) -> int:
+        """Run slots per model and worker with 0 resolved to cores / workers (at least one)."""
+        return self.limits.max_concurrency or max(1, cpu_count() // self.effective_workers())
 
 
 def cpu_count() -> int:
@@ -193,6 +245,11 @@ def _check(settings: Settings, check_repository: bool) -> None:
         "limits.max_body_bytes": (settings.limits.max_body_bytes, 1),
         "limits.max_batch_rows": (settings.limits.max_batch_rows, 1),
         "limits.max_tensor_elements": (settings.limits.max_tensor_elements, 1),
+        "limits.timeout_ms": (settings.limits.timeout_ms, 1),
+        "limits.max_concurrency": (settings.limits.max_concurrency, 0),
+        "limits.max_queue": (settings.limits.max_queue, 0),
+        "server.reload_timeout": (s.reload_timeout, 1),
+        "auth.burst": (settings.auth.burst, 1),
     }
     for key, (value, minimum) in positive.items():
         if value < minimum:
@@ -203,6 +260,13 @@ def _check(settings: Settings, check_repository: bool) -> None:
         if not _BIND_RE.match(address):
             raise SettingsError(
                 f"server.bind entry {address!r} is invalid: use host:port or unix:/absolute/path"
+            )
+    if settings.auth.rate < 0:
+        raise SettingsError(f"auth.rate = {settings.auth.rate} is invalid: must be at least 0")
+    for origin in settings.cors.allow_origins:
+        if not _ORIGIN_RE.match(origin):
+            raise SettingsError(
+                f"cors.allow_origins entry {origin!r} is invalid: use scheme://host[:port]"
             )
     if not 0 <= s.socket_mode <= 0o777:
         raise SettingsError(f"server.socket_mode = {s.socket_mode:o} is not a file mode")

@@ -7,10 +7,12 @@ from typing import Any
 import falcon
 
 from app import errors
+from app.keys import KeyStore
 from app.metrics import Metrics
-from app.middleware import RequestContext
+from app.middleware import Authenticator, RequestContext
 from app.models.onnx import RuntimeOptions
 from app.models.repository import Repository
+from app.ratelimit import RateLimiter
 from app.resources.health import LiveResource, ReadyResource, ServerResource
 from app.resources.metrics import MetricsResource
 from app.resources.openapi import OpenApiResource
@@ -20,7 +22,11 @@ from app.settings import Settings
 
 
 def create_app(
-    settings: Settings, repository: Repository, metrics: Metrics | None = None
+    settings: Settings,
+    repository: Repository,
+    metrics: Metrics | None = None,
+    keys: KeyStore | None = None,
+    limiter: RateLimiter | None = None,
 ) -> falcon.App[Any, Any]:
     """Build the WSGI app around an already scanned repository.
 
@@ -28,12 +34,30 @@ def create_app(
         settings: Validated settings.
         repository: The models to serve (loaded or not: readiness reflects it).
         metrics: Metrics to record into; a fresh set when omitted.
+        keys: API keys; none configured means every route is open.
+        limiter: Shared rate-limit buckets for the keys; None disables rate limiting.
 
     Returns:
         The Falcon app.
     """
     metrics = metrics or Metrics()
-    app = falcon.App(middleware=[RequestContext(metrics)], media_type=falcon.MEDIA_JSON)
+    middleware: list[Any] = [RequestContext(metrics)]
+    if settings.cors.allow_origins:
+        middleware.append(
+            falcon.CORSMiddleware(
+                allow_origins=settings.cors.allow_origins,
+                expose_headers=[
+                    "X-Request-ID",
+                    "X-Model-Version",
+                    "Retry-After",
+                    "Inference-Header-Content-Length",
+                ],
+            )
+        )
+    middleware.append(
+        Authenticator(keys or KeyStore(), limiter, settings.auth.rate, settings.auth.burst)
+    )
+    app = falcon.App(middleware=middleware, media_type=falcon.MEDIA_JSON)
     # Bodies are read and parsed by the resources themselves, with a hard size cap.
     app.req_options.auto_parse_form_urlencoded = False
     app.resp_options.secure_cookies_by_default = True
@@ -74,6 +98,9 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         inter_op_threads=settings.server.inter_op_threads,
         warmup_runs=settings.models.warmup_runs,
         max_batch_rows=settings.limits.max_batch_rows,
+        timeout=settings.limits.timeout_ms / 1000,
+        max_concurrency=settings.effective_max_concurrency(),
+        max_queue=settings.limits.max_queue,
     )
 
 

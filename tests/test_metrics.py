@@ -43,6 +43,7 @@ def test_requests_and_inferences_are_counted() -> None:
                         ("status", status),
                         ("model", model),
                         ("version", version),
+                        ("key", ""),
                     }
                 ),
             )

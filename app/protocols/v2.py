@@ -33,10 +33,13 @@ class InferRequest:
         inputs: Arrays by input name.
         outputs: Output names asked for, or ``None`` for all.
         binary_outputs: Names of outputs to return as binary tensor data.
+        timeout: The client's ``parameters.timeout`` in seconds (sent in microseconds, as
+            Triton does), or None.
     """
 
     id: str | None
     inputs: dict[str, np.ndarray]
+    timeout: float | None = None
     outputs: list[str] | None = None
     binary_outputs: set[str] = field(default_factory=set)
 
@@ -131,9 +134,18 @@ def parse_infer(
         raise InvalidInput(
             f"the body has {len(binary) - offset} bytes of binary data that no input claims"
         )
-    request = InferRequest(request_id, inputs)
+    request = InferRequest(request_id, inputs, timeout=_parse_timeout(doc))
     _parse_outputs(doc, model, request)
     return request
+
+
+def _parse_timeout(doc: dict[str, Any]) -> float | None:
+    timeout = _params(doc, "request").get("timeout")
+    if timeout is None:
+        return None
+    if type(timeout) is not int or timeout <= 0:
+        raise InvalidInput("parameters.timeout must be a positive integer (microseconds)")
+    return timeout / 1_000_000
 
 
 def _parse_outputs(doc: dict[str, Any], model: OnnxModel, request: InferRequest) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import falcon
@@ -11,6 +12,7 @@ from app.errors import ApiError
 from app.models.onnx import OnnxModel
 from app.models.repository import Repository
 
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 JSON_TYPES = frozenset({"application/json", ""})
 BINARY_TYPE = "application/octet-stream"
 
@@ -54,8 +56,11 @@ def read_body(req: falcon.Request, limit: int) -> bytes:
 def resolve(
     req: falcon.Request, repository: Repository, name: str, version: str | None = None
 ) -> OnnxModel:
-    """Find the serving model version and label the request with it."""
-    model = repository.get(name, version)
+    """Find the serving model version and label the request with it.
+
+    Requests that name no version follow the model's traffic split, sticky per request id.
+    """
+    model = repository.get(name, version, routing_key=req.context.request_id)
     req.context.model = model.name
     req.context.version = model.version_str
     return model
@@ -66,3 +71,34 @@ def send_json(resp: falcon.Response, doc: Any, status: int = 200) -> None:
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def deadline(req: falcon.Request, model: OnnxModel, client_timeout: float | None = None) -> float:
+    """When the answer is due, on the monotonic clock.
+
+    The model's timeout counts from the request's arrival: at NGINX when it sends
+    ``X-Request-Start: t=<epoch seconds>``, else at this worker. A client may shorten it with
+    ``X-Request-Timeout-Ms`` (or the OIP ``timeout`` parameter, ``client_timeout`` here, in
+    seconds), never lengthen it.
+
+    Raises:
+        ApiError: INVALID_INPUT for a malformed timeout header.
+    """
+    timeout = model.options.timeout
+    raw = req.get_header(TIMEOUT_HEADER)
+    if raw is not None:
+        if not raw.strip().isdigit() or int(raw) <= 0:
+            raise ApiError("INVALID_INPUT", f"{TIMEOUT_HEADER} must be a positive integer")
+        timeout = min(timeout, int(raw) / 1000)
+    if client_timeout is not None:
+        timeout = min(timeout, client_timeout)
+    arrived: float = req.context.arrived
+    edge = req.get_header("X-Request-Start")
+    if edge and edge.startswith("t="):
+        try:
+            queued = time.time() - float(edge[2:])
+        except ValueError:
+            queued = 0.0
+        # Only ever earlier than our own arrival: a client cannot buy itself more time.
+        arrived -= min(max(queued, 0.0), timeout)
+    return arrived + timeout

@@ -8,7 +8,14 @@ import falcon
 from app.models.repository import Repository
 from app.protocols import v1
 from app.protocols.v2 import parse_json
-from app.resources.common import JSON_TYPES, read_body, require_media_type, resolve, send_json
+from app.resources.common import (
+    JSON_TYPES,
+    deadline,
+    read_body,
+    require_media_type,
+    resolve,
+    send_json,
+)
 from app.settings import LimitsSettings
 
 # TensorFlow Serving's names for the states clients poll for.
@@ -39,7 +46,7 @@ class PredictResource:
         served = resolve(req, self._repository, model or self._repository.default_model, version)
         body = read_body(req, self._limits.max_body_bytes)
         inputs = v1.parse_instances(parse_json(body), served, self._limits.max_batch_rows)
-        results = served.predict(inputs)
+        results = served.predict(inputs, deadline=deadline(req, served))
         resp.set_header("X-Model-Version", served.version_str)
         send_json(resp, v1.encode_predictions(served, results))
 

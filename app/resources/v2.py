@@ -11,6 +11,7 @@ from app.protocols import v2
 from app.resources.common import (
     BINARY_TYPE,
     JSON_TYPES,
+    deadline,
     read_body,
     require_media_type,
     resolve,
@@ -58,7 +59,8 @@ class ModelsResource:
         header_length = _header_length(req)
         body = read_body(req, self._limits.max_body_bytes)
         request = v2.parse_infer(body, header_length, served, self._limits.max_tensor_elements)
-        results = served.predict(request.inputs, request.outputs)
+        due = deadline(req, served, request.timeout)
+        results = served.predict(request.inputs, request.outputs, due)
         data, json_length = v2.encode_infer(served, request, results)
         resp.set_header("X-Model-Version", served.version_str)
         resp.data = data
