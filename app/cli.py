@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from app import __version__
-from app.settings import CONFIG_ENV, Settings, SettingsError, load_settings
+from app.settings import CONFIG_ENV, Settings, SettingsError, load_settings, runtime_dir
 
 EXIT_CONFIG = 2
 
@@ -75,6 +75,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("directory", type=Path, metavar="DIR")
 
+    reload_cmd = sub.add_parser(
+        "reload",
+        help="gracefully reload settings, models and keys of a running server",
+        description="Send SIGHUP to the master named in the pidfile. It re-reads the settings, "
+        "the repository and the keys; when they are valid it starts new workers, "
+        "waits until each has loaded and warmed its models, then retires the old "
+        "ones. Anything invalid leaves the old workers serving.",
+    )
+    reload_cmd.add_argument("--config", type=Path, help="settings file naming server.pidfile")
+    reload_cmd.add_argument("--pidfile", type=Path, help="the master's pidfile")
+
+    keys_cmd = sub.add_parser(
+        "keys",
+        help="manage API keys (stored hashed)",
+        description="Add, list or revoke API keys. The file holds only salted hashes; a new "
+        "key is printed once. Reload the server to apply changes.",
+    )
+    keys_cmd.add_argument("--config", type=Path, help="settings file naming auth.keys_file")
+    keys_cmd.add_argument("--file", type=Path, help="keys file (default: auth.keys_file)")
+    actions = keys_cmd.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="create a key and print it once")
+    add.add_argument("id", help="key id: a-z, 0-9 and -, shown in logs and metrics")
+    add.add_argument("--rate", type=float, help="requests per second (default: auth.rate)")
+    add.add_argument("--burst", type=int, help="burst size (default: auth.burst)")
+    actions.add_parser("list", help="list key ids and their limits")
+    revoke = actions.add_parser("revoke", help="delete a key")
+    revoke.add_argument("id")
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -104,12 +132,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _prepare_metrics_dir(settings: Settings) -> None:
+def _prepare_metrics_dir(settings: Settings, runtime: Path) -> None:
     """Point prometheus_client at a clean multiprocess directory before workers import it."""
     path = settings.metrics.multiproc_dir or os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
-    if not path:
-        path = tempfile.mkdtemp(prefix="onnx-appliance-metrics-")
-    directory = Path(path)
+    directory = Path(path) if path else runtime / "metrics"
     directory.mkdir(parents=True, exist_ok=True)
     # Files left by an earlier run would be added to this run's counters.
     for stale in directory.glob("*.db"):
@@ -117,31 +143,101 @@ def _prepare_metrics_dir(settings: Settings) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
+def _config_path(args: argparse.Namespace) -> Path | None:
+    if args.config:
+        return Path(args.config)
+    return Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None
+
+
 def serve(args: argparse.Namespace) -> int:
     """Validate everything in the master, then run gunicorn until it is told to stop."""
-    config = args.config or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
     try:
         settings = load_settings(
-            config, overrides=_overrides(args), check_repository=not args.model
+            _config_path(args), overrides=_overrides(args), check_repository=not args.model
         )
     except SettingsError as exc:
         return _fail(str(exc))
-    if settings.metrics.enabled:
-        _prepare_metrics_dir(settings)
-
-    from app.gunicorn_conf import ApplianceApplication
     from app.logging import GunicornLogger, configure_logging
-    from app.models.errors import RepositoryError
-    from app.wsgi import build_repository
 
     configure_logging(settings.logging.level, settings.logging.format)
     GunicornLogger.log_format = settings.logging.format
+    runtime = runtime_dir(settings)
+    if settings.metrics.enabled:
+        _prepare_metrics_dir(settings, runtime)
+    # Imported only now: prometheus_client reads PROMETHEUS_MULTIPROC_DIR at import time.
+    from app.gunicorn_conf import ApplianceApplication, StartupError
+
     try:
-        names = build_repository(settings, None, args.model or "", args.name or "").names
-    except RepositoryError as exc:
+        application = ApplianceApplication(
+            _config_path(args), _overrides(args), args.model or "", args.name or "", runtime
+        )
+    except StartupError as exc:
         return _fail(str(exc))
-    ApplianceApplication(settings, names, args.model or "", args.name or "").run()
+    application.run()
     return 0
+
+
+def reload(args: argparse.Namespace) -> int:
+    """Ask the running master (found through its pidfile) for a graceful reload."""
+    pidfile = args.pidfile
+    if not pidfile:
+        try:
+            pidfile = load_settings(_config_path(args), check_repository=False).server.pidfile
+        except SettingsError as exc:
+            return _fail(str(exc))
+    if not pidfile:
+        return _fail(
+            "no pidfile: set server.pidfile or pass --pidfile (under systemd use "
+            "`systemctl reload onnx-appliance`)"
+        )
+    try:
+        pid = int(Path(pidfile).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        return _fail(f"cannot signal the server from {pidfile}: {exc}")
+    print(f"reload requested from pid {pid}; the log says when the new workers are ready")
+    return 0
+
+
+def keys(args: argparse.Namespace) -> int:
+    """Add, list or revoke API keys in the keys file."""
+    from app.keys import KeyFileError, KeyStore, new_key
+
+    path = args.file
+    if path is None:
+        try:
+            path = Path(load_settings(_config_path(args), check_repository=False).auth.keys_file)
+        except SettingsError as exc:
+            return _fail(str(exc))
+    try:
+        store = KeyStore.load(path)
+        if args.action == "list":
+            for key in store.keys.values():
+                rate = "default" if key.rate is None else f"{key.rate:g}/s"
+                burst = "default" if key.burst is None else str(key.burst)
+                print(f"{key.id}\trate={rate}\tburst={burst}")
+            return 0
+        if args.action == "add":
+            if args.id in store.keys:
+                return _fail(f"key id {args.id!r} already exists; revoke it first")
+            record, token = new_key(args.id, args.rate, args.burst)
+            store = KeyStore({**store.keys, record.id: record})
+            store.save(path)
+            print(token)
+            print(
+                f"# key {record.id!r} added to {path}; it is shown only now. Reload the "
+                "server to use it.",
+                file=sys.stderr,
+            )
+            return 0
+        if args.id not in store.keys:
+            return _fail(f"no key with id {args.id!r} in {path}")
+        store = KeyStore({k: v for k, v in store.keys.items() if k != args.id})
+        store.save(path)
+        print(f"key {args.id!r} revoked in {path}; reload the server to apply it", file=sys.stderr)
+        return 0
+    except KeyFileError as exc:
+        return _fail(str(exc))
 
 
 def check(args: argparse.Namespace) -> int:
@@ -171,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "reload":
+        return reload(args)
+    if args.command == "keys":
+        return keys(args)
     if args.command == "check":
         import structlog
 

@@ -7,7 +7,11 @@ gunicorn's ``child_exit`` hook marks dead workers so their live gauges drop out.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -19,6 +23,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.mmap_dict import MmapedDict
 
 from app import __version__
 
@@ -113,12 +118,51 @@ class Metrics:
         """The exposition text and its content type; all workers' values in multiprocess mode."""
         if multiprocess_enabled():
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            return generate_latest(registry), CONTENT_TYPE
+            multiprocess.MultiProcessCollector(registry)
+            with _directory_lock(fcntl.LOCK_SH):
+                return generate_latest(registry), CONTENT_TYPE
         return generate_latest(self.registry), CONTENT_TYPE
 
 
 def mark_process_dead(pid: int) -> None:
     """Drop a dead worker's live gauges (gunicorn ``child_exit`` hook)."""
     if multiprocess_enabled():
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        multiprocess.mark_process_dead(pid)
+
+
+@contextlib.contextmanager
+def _directory_lock(mode: int) -> Iterator[None]:
+    # Scrapes read the files shared; compaction rewrites them exclusive, so a scrape never
+    # sees a dead worker's counts both in its own file and in the archive.
+    path = Path(os.environ[MULTIPROC_ENV]) / ".compaction.lock"
+    with path.open("a") as lock:
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def compact_dead_worker(pid: int) -> None:
+    """Fold a dead worker's counters and histograms into one archive file per type.
+
+    Without this, every recycled or reloaded worker leaves its files behind and the
+    directory (and each scrape) grows without bound. Totals are unchanged: archived values
+    are added, exactly as the collector would have added the dead worker's file.
+    """
+    if not multiprocess_enabled():
+        return
+    directory = Path(os.environ[MULTIPROC_ENV])
+    with _directory_lock(fcntl.LOCK_EX):
+        for kind in ("counter", "histogram", "summary"):
+            dead = directory / f"{kind}_{pid}.db"
+            if not dead.exists():
+                continue
+            archive = MmapedDict(str(directory / f"{kind}_archive.db"))
+            try:
+                for key, value, timestamp, _ in MmapedDict.read_all_values_from_file(str(dead)):
+                    current, _ = archive.read_value(key)
+                    archive.write_value(key, current + value, timestamp)
+            finally:
+                archive.close()
+            dead.unlink()

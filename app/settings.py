@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -199,6 +200,18 @@ class Settings(_Section):
     def effective_max_concurrency(self) -> int:
         """Run slots per model and worker with 0 resolved to cores / workers (at least one)."""
         return self.limits.max_concurrency or max(1, cpu_count() // self.effective_workers())
+
+
+def runtime_dir(settings: Settings) -> Path:
+    """The directory for readiness markers, rate-limit state and default metric files.
+
+    ``server.runtime_dir``, else systemd's ``$RUNTIME_DIRECTORY``, else a new private
+    temporary directory.
+    """
+    path = settings.server.runtime_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    directory = Path(path) if path else Path(tempfile.mkdtemp(prefix="onnx-appliance-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def cpu_count() -> int:
