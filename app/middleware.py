@@ -92,6 +92,7 @@ class RequestContext:
             duration_ms=round(duration * 1000, 3),
             model=ctx.model or None,
             version=ctx.version or None,
+            key_id=ctx.key_id or None,
         )
 
 

@@ -128,3 +128,49 @@ def zipmap_classifier() -> onnx.ModelProto:
     )
     model.ir_version = 8
     return model
+
+
+def slow_loop(size: int = 256) -> onnx.ModelProto:
+    """x: float [1, 1], n: int64 scalar -> y: float scalar, after n chained MatMul+Tanh steps.
+
+    A real graph whose run time the caller chooses: about 0.15 ms per step at size 256 on one
+    thread, and onnxruntime can cancel it between steps (RunOptions.terminate).
+    """
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(
+        (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32), "w"
+    )
+    shape = numpy_helper.from_array(np.array([size, size], dtype=np.int64), "shape")
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "w"], ["mm"]),
+            helper.make_node("Tanh", ["mm"], ["h_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "step",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [size, size]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [size, size]),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Expand", ["x", "shape"], ["h0"]),
+            helper.make_node("Loop", ["n", "cond", "h0"], ["h"], body=body),
+            helper.make_node("ReduceMean", ["h"], ["y"], keepdims=0),
+        ],
+        "slow",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1]),
+            helper.make_tensor_value_info("n", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        initializer=[weight, shape, cond],
+    )
+    return _model(graph)
