@@ -104,14 +104,19 @@ def run_server(
     models: Path = DEMO_MODELS,
     workers: int = 2,
     wait: bool = True,
+    server_conf: str = "",
 ) -> Iterator[Server]:
-    """Start the CLI with a config in ``tmp``; stop it (SIGTERM) afterwards."""
+    """Start the CLI with a config in ``tmp``; stop it (SIGTERM) afterwards.
+
+    ``server_conf`` lines go into the ``[server]`` section, ``config`` after everything.
+    """
     port = free_port()
     socket_path = str(tmp / "app.sock")
     metrics_dir = tmp / "metrics"
     config_path = tmp / "appliance.toml"
     config_path.write_text(
         f'[server]\nbind = ["127.0.0.1:{port}", "unix:{socket_path}"]\nworkers = {workers}\n'
+        f"{server_conf}\n"
         f'[models]\nrepository = "{models}"\ndefault_model = "tabular"\n'
         f'[metrics]\nmultiproc_dir = "{metrics_dir}"\n' + config
     )
