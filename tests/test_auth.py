@@ -117,3 +117,20 @@ def test_rate_limited_key_gets_429_with_retry_after(keyed: falcon.testing.TestCl
 
 def test_open_mode_without_keys(client: falcon.testing.TestClient) -> None:
     assert client.simulate_post("/v2/models/tabular/infer", json=GOOD).status_code == 200
+
+
+def test_default_rate_from_settings(tmp_path: Path, demo_repository: Repository) -> None:
+    from tests.conftest import DEMO_MODELS, make_settings
+
+    settings = make_settings(DEMO_MODELS, auth={"rate": 0.5, "burst": 1})
+    store = KeyStore({"ci": RECORD})
+    path = tmp_path / "rl.bin"
+    create_state(path, 1)
+    client = falcon.testing.TestClient(
+        create_app(settings, demo_repository, Metrics(), store, RateLimiter(path))
+    )
+    headers = {"X-API-Key": TOKEN}
+    first = client.simulate_post("/v2/models/tabular/infer", json=GOOD, headers=headers)
+    second = client.simulate_post("/v2/models/tabular/infer", json=GOOD, headers=headers)
+    assert (first.status_code, second.status_code) == (200, 429)
+    assert second.headers["Retry-After"] == "2"

@@ -293,6 +293,8 @@ def test_revoked_key_stops_working_after_reload(tmp_path: Path) -> None:
             text=True,
         ).stdout
         assert "keep" in listed and "temp" not in listed and keep not in listed
+        assert not any(x.get("event") == "auth_open" for x in srv.log_lines())
+        assert token not in srv.log_path.read_text() and keep not in srv.log_path.read_text()
 
 
 def test_worker_recycling_loses_nothing_and_metrics_stay_bounded(tmp_path: Path) -> None:

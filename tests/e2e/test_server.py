@@ -295,6 +295,7 @@ def test_logs_are_json_with_request_lines(server: Server) -> None:
     assert line["route"] == "/v2/models/{model}"
     assert line["status"] == 200
     assert line["timestamp"].endswith("Z")
+    assert any(x.get("event") == "auth_open" and x["level"] == "warning" for x in lines)
     listening = next(x for x in lines if x.get("event") == "listening")
     assert set(listening["models"]) == {"mlp", "regression", "sentiment", "tabular"}
 
