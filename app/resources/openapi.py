@@ -8,6 +8,7 @@ import falcon
 import orjson
 
 from app import __version__
+from app.errors import STATUS_BY_CODE
 
 _JSON = "application/json"
 
@@ -22,14 +23,20 @@ def _error(description: str) -> dict[str, Any]:
 
 _ERRORS = {
     "400": _error("Malformed body, or inputs that do not fit the model (INVALID_INPUT)."),
+    "401": _error("Missing or wrong API key while keys are configured (UNAUTHENTICATED)."),
     "404": _error("Unknown model or version (MODEL_NOT_FOUND)."),
     "405": _error("Method not allowed on this route (METHOD_NOT_ALLOWED)."),
     "413": _error("Body, batch or tensor over the configured limit (PAYLOAD_TOO_LARGE)."),
     "415": _error("Content-Type other than JSON or binary tensor data (UNSUPPORTED_MEDIA_TYPE)."),
     "500": _error("Unexpected failure; details are in the server log (INTERNAL)."),
-    "503": _error("Model not ready yet (MODEL_NOT_READY); Retry-After is set."),
+    "429": _error("The API key's rate limit is exhausted (RATE_LIMITED); Retry-After is set."),
+    "503": _error(
+        "Model not ready yet (MODEL_NOT_READY) or too many requests queued (OVERLOADED); "
+        "Retry-After is set."
+    ),
+    "504": _error("The request's deadline passed before or during inference (TIMEOUT)."),
 }
-_READ_ERRORS = {k: v for k, v in _ERRORS.items() if k in ("404", "405", "500", "503")}
+_READ_ERRORS = {k: v for k, v in _ERRORS.items() if k in ("401", "404", "405", "429", "500", "503")}
 
 _MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {
@@ -37,6 +44,13 @@ _VERSION = {
     "in": "path",
     "required": True,
     "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+}
+_TIMEOUT = {
+    "name": "X-Request-Timeout-Ms",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1},
+    "description": "Shorten the request's deadline (never lengthen it).",
 }
 _REQUEST_ID = {
     "name": "X-Request-ID",
@@ -68,6 +82,8 @@ def _op(
         "parameters": [*(params or []), _REQUEST_ID],
         "responses": {"200": {"description": "OK", "content": ok_content}, **errors},
     }
+    if body is not None and body != "RepositoryIndexRequest":
+        op["parameters"].insert(0, _TIMEOUT)
     if body is not None:
         content: dict[str, Any] = {_JSON: {"schema": _ref(body)}}
         if binary:
@@ -167,17 +183,7 @@ def build_spec() -> dict[str, Any]:
                 "error": {"type": "string"},
                 "error_code": {
                     "type": "string",
-                    "enum": [
-                        "INVALID_INPUT",
-                        "INFERENCE_FAILED",
-                        "NOT_FOUND",
-                        "MODEL_NOT_FOUND",
-                        "METHOD_NOT_ALLOWED",
-                        "PAYLOAD_TOO_LARGE",
-                        "UNSUPPORTED_MEDIA_TYPE",
-                        "MODEL_NOT_READY",
-                        "INTERNAL",
-                    ],
+                    "enum": sorted(STATUS_BY_CODE),
                 },
                 "request_id": {"type": "string"},
             },
@@ -367,7 +373,15 @@ def build_spec() -> dict[str, Any]:
             "description": "Open Inference Protocol v2 and simple JSON inference over ONNX models.",
         },
         "paths": paths,
-        "components": {"schemas": schemas},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            },
+        },
+        # Keys are needed only once the operator configures some; health and metrics never.
+        "security": [{"bearer": []}, {"apiKey": []}, {}],
     }
 
 

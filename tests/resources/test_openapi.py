@@ -32,7 +32,12 @@ def test_inference_routes_document_errors(client: TestClient) -> None:
     doc = client.simulate_get("/openapi.json").json
     assert doc["openapi"].startswith("3.1")
     infer = doc["paths"]["/v2/models/{model}/infer"]["post"]
-    assert {"400", "404", "413", "415", "503"} <= set(infer["responses"])
+    assert {"400", "401", "404", "413", "415", "429", "503", "504"} <= set(infer["responses"])
+    assert any(p["name"] == "X-Request-Timeout-Ms" for p in infer["parameters"])
+    assert (
+        "UNAUTHENTICATED"
+        in doc["components"]["schemas"]["Error"]["properties"]["error_code"]["enum"]
+    )
     assert infer["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(
         "InferRequest"
     )
