@@ -63,14 +63,35 @@ class ServingState:
     generation: int
 
 
-def gunicorn_options(settings: Settings) -> dict[str, Any]:
-    """gunicorn settings derived from ours."""
+def worker_model(settings: Settings, repository: Repository) -> tuple[str, int]:
+    """Worker class and threads: explicit settings win, else chosen from the repository.
+
+    Batching merges requests that are in the same worker at the same time, so a worker
+    needs about as many request threads as its largest batch.
+    """
+    largest = repository.largest_batch
+    worker_class = (
+        "gthread" if settings.server.worker_class == "auto" else (settings.server.worker_class)
+    )
+    threads = settings.server.threads or (max(4, min(64, largest)) if largest else 4)
+    if worker_class == "sync" and largest:
+        log.warning(
+            "batching_without_threads",
+            detail="sync workers take one request at a "
+            "time, so batching models never merge requests; use gthread",
+        )
+    return worker_class, threads if worker_class == "gthread" else 1
+
+
+def gunicorn_options(settings: Settings, repository: Repository) -> dict[str, Any]:
+    """gunicorn settings derived from ours and from what the repository needs."""
     s = settings.server
+    worker_class, threads = worker_model(settings, repository)
     options: dict[str, Any] = {
         "bind": list(s.bind),
         "workers": settings.effective_workers(),
-        "worker_class": s.worker_class,
-        "threads": s.threads if s.worker_class == "gthread" else 1,
+        "worker_class": worker_class,
+        "threads": threads,
         "timeout": s.timeout,
         "graceful_timeout": s.graceful_timeout,
         "keepalive": s.keepalive,
@@ -127,6 +148,8 @@ def when_ready(server: Any) -> None:
         "listening",
         addresses=[str(lst) for lst in server.LISTENERS],
         workers=state.settings.effective_workers(),
+        worker_class=server.cfg.worker_class_str,
+        threads=server.cfg.threads,
         models=state.repository.names,
         cores=cpu_count(),
     )
@@ -283,7 +306,7 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
 
     def load_config(self) -> None:
         """Copy our options into gunicorn's config."""
-        for key, value in gunicorn_options(self.state.settings).items():
+        for key, value in gunicorn_options(self.state.settings, self.state.repository).items():
             self.cfg.set(key, value)
 
     def load(self) -> Any:
@@ -293,7 +316,7 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
         state = self.state
         metrics = Metrics()
         repository = state.repository
-        repository.set_observer(metrics.observe_inference)
+        repository.set_observer(metrics)
         try:
             repository.load()
         except RepositoryError as exc:

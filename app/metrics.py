@@ -83,6 +83,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_size = Histogram(
+            f"{PREFIX}_batch_size",
+            "Rows per session run of batching models, by model and version.",
+            ["model", "version"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.queue_duration = Histogram(
+            f"{PREFIX}_queue_duration_seconds",
+            "Time requests waited for their batch, by model and version.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
             "Requests being handled right now.",
@@ -104,8 +118,21 @@ class Metrics:
         )
         self.build_info.labels(__version__).set(1)
         self._inference_children: dict[tuple[str, str], Any] = {}
+        self._batch_children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
-    def observe_inference(self, model: str, version: str, seconds: float) -> None:
+    def batch(self, model: str, version: str, rows: int, waits: list[float]) -> None:
+        """Record one (micro-)batch and how long its requests queued."""
+        children = self._batch_children.get((model, version))
+        if children is None:
+            children = self._batch_children[(model, version)] = (
+                self.batch_size.labels(model, version),
+                self.queue_duration.labels(model, version),
+            )
+        children[0].observe(rows)
+        for wait in waits:
+            children[1].observe(wait)
+
+    def inference(self, model: str, version: str, seconds: float) -> None:
         """Record one session run (the serving layer's inference observer)."""
         child = self._inference_children.get((model, version))
         if child is None:

@@ -44,8 +44,11 @@ class ServerSettings(_Section):
         bind: Addresses to listen on: ``host:port`` or ``unix:/path``. Loopback only by
             default: NGINX is the only thing that should face the network.
         workers: Worker processes; 0 means one per CPU core.
-        worker_class: ``gthread`` (threads share a worker's sessions) or ``sync``.
-        threads: Request threads per gthread worker.
+        worker_class: ``gthread`` (threads share a worker's sessions and batch together),
+            ``sync``, or ``auto`` (gthread).
+        threads: Request threads per gthread worker; 0 chooses from the repository: 4, or
+            the largest ``max_batch_size`` of a batching model (at most 64) so a worker can
+            gather full batches.
         intra_op_threads: onnxruntime intra-op threads per session; 0 means cores / workers.
         inter_op_threads: onnxruntime inter-op threads per session.
         cpu_affinity: Pin each worker to one core (round robin).
@@ -68,8 +71,8 @@ class ServerSettings(_Section):
 
     bind: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8000"])
     workers: int = 0
-    worker_class: Literal["gthread", "sync"] = "gthread"
-    threads: int = 4
+    worker_class: Literal["auto", "gthread", "sync"] = "auto"
+    threads: int = 0
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     cpu_affinity: bool = False
@@ -245,7 +248,7 @@ def _check(settings: Settings, check_repository: bool) -> None:
     s = settings.server
     positive = {
         "server.workers": (s.workers, 0),
-        "server.threads": (s.threads, 1),
+        "server.threads": (s.threads, 0),
         "server.intra_op_threads": (s.intra_op_threads, 0),
         "server.inter_op_threads": (s.inter_op_threads, 1),
         "server.timeout": (s.timeout, 1),

@@ -114,7 +114,7 @@ def build_repository(
     """
     from pathlib import Path
 
-    observer = metrics.observe_inference if metrics else None
+    observer = metrics
     options = runtime_options(settings)
     if model_file:
         return Repository.single_file(Path(model_file), options, model_name or None, observer)

@@ -174,3 +174,17 @@ def slow_loop(size: int = 256) -> onnx.ModelProto:
         initializer=[weight, shape, cond],
     )
     return _model(graph)
+
+
+class Recorder:
+    """An inference observer that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, str]] = []
+        self.batches: list[tuple[str, int, int]] = []
+
+    def inference(self, model: str, version: str, seconds: float) -> None:
+        self.runs.append((model, version))
+
+    def batch(self, model: str, version: str, rows: int, waits: list[float]) -> None:
+        self.batches.append((model, rows, len(waits)))

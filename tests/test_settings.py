@@ -18,7 +18,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_are_safe(tmp_path: Path) -> None:
     s = load_settings(write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n'), env={})
     assert s.server.bind == ["127.0.0.1:8000"]
-    assert s.server.worker_class == "gthread"
+    assert s.server.worker_class == "auto"
     assert s.limits.max_body_bytes == 8 * 1024 * 1024
     assert s.server.control_socket == ""
     assert s.effective_workers() >= 1

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
 
+from app.models.batching import Batcher, BatchingOptions
 from app.models.errors import (
     InferenceFailed,
     InferenceTimeout,
@@ -26,8 +28,15 @@ from app.models.signature import ORT_TO_DATATYPE, TensorSpec, dims_from_ort
 log = structlog.get_logger(__name__)
 _NODE_RE = re.compile(r"while running (\w+) node")
 
-#: Called after every session run with (model name, version, seconds).
-InferenceObserver = Callable[[str, str, float], None]
+
+class InferenceObserver(Protocol):
+    """Receives what the serving layer measures (a worker's metrics implement it)."""
+
+    def inference(self, model: str, version: str, seconds: float) -> None:
+        """One session run took ``seconds``."""
+
+    def batch(self, model: str, version: str, rows: int, waits: list[float]) -> None:
+        """A (micro-)batch of ``rows`` ran; each request in it had waited ``waits`` seconds."""
 
 
 class ModelState(enum.StrEnum):
@@ -50,6 +59,7 @@ class RuntimeOptions:
         timeout: Default deadline of a request, in seconds from its arrival.
         max_concurrency: Session runs of this model at once, per worker.
         max_queue: Requests that may wait for a run slot, per worker; more are shed.
+        batching: Dynamic batching limits, or None to run each request on its own.
     """
 
     intra_op_threads: int = 1
@@ -59,6 +69,7 @@ class RuntimeOptions:
     timeout: float = 30.0
     max_concurrency: int = 1
     max_queue: int = 64
+    batching: BatchingOptions | None = None
 
 
 class OnnxModel:
@@ -90,6 +101,7 @@ class OnnxModel:
         self._run_options: Any = None
         self.observer = observer
         self.gate = Gate(options.max_concurrency, options.max_queue)
+        self.batcher: Batcher | None = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -124,8 +136,25 @@ class OnnxModel:
         self._output_names = frozenset(spec.name for spec in self.outputs)
         self._session = session
         self._run_options = ort.RunOptions
+        if self.options.batching is not None:
+            self._start_batcher(self.options.batching)
         self.warmup()
         self.state = ModelState.READY
+
+    def _start_batcher(self, options: BatchingOptions) -> None:
+        unbatched = [s.name for s in (*self.inputs, *self.outputs) if not s.batched]
+        if unbatched:
+            self.state = ModelState.UNAVAILABLE
+            raise RepositoryError(
+                f"{self.label}: batching needs a dynamic first dimension on every input and "
+                f"output; {', '.join(repr(n) for n in unbatched)} has none"
+            )
+        self.batcher = Batcher(self.label, options, self._run, self._report_batch)
+        self.batcher.start()
+
+    def _report_batch(self, rows: int, waits: list[float]) -> None:
+        if self.observer is not None:
+            self.observer.batch(self.name, self.version_str, rows, waits)
 
     def _spec(self, arg: Any, kind: str) -> TensorSpec:
         datatype = ORT_TO_DATATYPE.get(arg.type)
@@ -142,11 +171,21 @@ class OnnxModel:
         return TensorSpec(arg.name, datatype, dims_from_ort(arg.shape))
 
     def warmup(self) -> None:
-        """Run the configured number of inferences on synthetic inputs of batch 1."""
+        """Run the configured number of inferences on synthetic inputs.
+
+        Batch 1, plus every preferred batch size and the largest batch of a batching model,
+        so the first real batches do not pay for memory planning.
+        """
         if not self.options.warmup_runs:
             return
-        feeds = {spec.name: synthetic_input(spec) for spec in self.inputs}
-        for _ in range(self.options.warmup_runs):
+        sizes = {1}
+        if self.options.batching is not None:
+            sizes |= {
+                *self.options.batching.preferred_batch_sizes,
+                self.options.batching.max_batch_size,
+            }
+        for rows, _ in itertools.product(sorted(sizes), range(self.options.warmup_runs)):
+            feeds = {spec.name: synthetic_input(spec, rows) for spec in self.inputs}
             try:
                 self._session.run(None, feeds)
             except Exception as exc:  # a model that cannot run at all must not serve
@@ -247,6 +286,8 @@ class OnnxModel:
         names = [s.name for s in self.outputs] if outputs is None else list(outputs)
         if outputs is not None:
             self.check_outputs(names)
+        if self.batcher is not None:
+            return dict(zip(names, self.batcher.submit(inputs, names, deadline), strict=True))
         self.gate.acquire(deadline, repr(self.name))
         try:
             return dict(zip(names, self._run(names, inputs, deadline), strict=True))
@@ -284,7 +325,7 @@ class OnnxModel:
             if token:
                 WATCHDOG.done(token)
         if self.observer is not None:
-            self.observer(self.name, self.version_str, time.perf_counter() - start)
+            self.observer.inference(self.name, self.version_str, time.perf_counter() - start)
         return results
 
     def metadata(self) -> dict[str, Any]:
@@ -298,9 +339,9 @@ class OnnxModel:
         }
 
 
-def synthetic_input(spec: TensorSpec) -> np.ndarray:
-    """A batch-1 array that fits the spec: zeros, or short strings for BYTES."""
-    shape = tuple(1 if d < 0 else d for d in spec.shape)
+def synthetic_input(spec: TensorSpec, rows: int = 1) -> np.ndarray:
+    """An array that fits the spec with ``rows`` in a dynamic first dimension (others 1)."""
+    shape = tuple((rows if i == 0 else 1) if d < 0 else d for i, d in enumerate(spec.shape))
     if spec.datatype == "BYTES":
         return np.full(shape, "warm up", dtype=object)
     return np.zeros(shape, dtype=spec.dtype)

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from app.models.batching import BatchingOptions
 from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
 from app.models.onnx import InferenceObserver, OnnxModel, RuntimeOptions
 
@@ -27,6 +28,45 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
 MODEL_FILE = "model.onnx"
 MODEL_CONFIG = "model.toml"
+
+
+class BatchingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[batching]`` in ``model.toml``: turns on dynamic batching for the model.
+
+    Attributes:
+        max_batch_size: Most rows merged into one session run.
+        max_queue_delay_us: Microseconds the oldest request may wait for batch-mates.
+        max_queue: Requests that may wait per worker; more get 503.
+        preferred_batch_sizes: Batch sizes to run at once, without waiting for more.
+    """
+
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 500
+    max_queue: int = 256
+    preferred_batch_sizes: list[int] = msgspec.field(default_factory=list)
+
+    def options(self, model: str) -> BatchingOptions:
+        """Validated runtime options.
+
+        Raises:
+            RepositoryError: a value out of range.
+        """
+        where = f"model {model!r}: {MODEL_CONFIG}: batching"
+        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_queue_delay_us < 0:
+            raise RepositoryError(
+                f"{where}: max_batch_size and max_queue must be >= 1 and max_queue_delay_us >= 0"
+            )
+        bad = [n for n in self.preferred_batch_sizes if not 1 <= n <= self.max_batch_size]
+        if bad:
+            raise RepositoryError(
+                f"{where}: preferred_batch_sizes {bad} are outside 1..{self.max_batch_size}"
+            )
+        return BatchingOptions(
+            max_batch_size=self.max_batch_size,
+            max_queue_delay=self.max_queue_delay_us / 1_000_000,
+            max_queue=self.max_queue,
+            preferred_batch_sizes=tuple(sorted(set(self.preferred_batch_sizes))),
+        )
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -41,6 +81,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         timeout_ms: Default deadline of a request to this model; clients may only lower it.
         max_concurrency: Runs of this model at once per worker.
         max_queue: Requests that may wait for a run slot per worker; more get 503.
+        batching: Dynamic batching (``[batching]`` table); off when absent.
         traffic: Weights by version for requests that name no version, e.g.
             ``{"1" = 90, "2" = 10}``; routing is sticky per request id.
         labels: Class names, shown in metadata for clients.
@@ -56,6 +97,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrency: int | None = None
     max_queue: int | None = None
     traffic: dict[str, int] = msgspec.field(default_factory=dict)
+    batching: BatchingConfig | None = None
     labels: list[str] = msgspec.field(default_factory=list)
     description: str = ""
 
@@ -168,6 +210,14 @@ class Repository:
         entry.versions[1] = OnnxModel(name, 1, path.resolve(), options, observer)
         return cls({name: entry})
 
+    @property
+    def largest_batch(self) -> int:
+        """The largest ``max_batch_size`` of any batching model (0 when none batches)."""
+        return max(
+            (m.options.batching.max_batch_size for m in self.models() if m.options.batching),
+            default=0,
+        )
+
     def set_observer(self, observer: InferenceObserver | None) -> None:
         """Report every session run of every model to ``observer`` (a worker's metrics)."""
         for model in self.models():
@@ -274,6 +324,7 @@ def _scan_model(
         timeout=config.timeout_ms / 1000 if config.timeout_ms else options.timeout,
         max_concurrency=config.max_concurrency or options.max_concurrency,
         max_queue=options.max_queue if config.max_queue is None else config.max_queue,
+        batching=config.batching.options(name) if config.batching else None,
     )
     for version_dir in sorted(model_dir.iterdir()):
         if not version_dir.is_dir() or not VERSION_RE.match(version_dir.name):

@@ -43,18 +43,18 @@ def test_validation_and_batch_limit() -> None:
 
 
 def test_inference_observer_sees_every_run() -> None:
-    seen: list[tuple[str, str]] = []
+    recorder = onnx_factory.Recorder()
     model = OnnxModel(
         "reg",
         3,
         DEMO_MODELS / "regression" / "1" / "model.onnx",
         RuntimeOptions(warmup_runs=2),
-        observer=lambda name, version, seconds: seen.append((name, version)),
+        observer=recorder,
     )
     model.load()
-    assert seen == []  # warm-up is not traffic
+    assert recorder.runs == []  # warm-up is not traffic
     model.predict({"input": np.zeros((1, 10), dtype=np.float32)})
-    assert seen == [("reg", "3")]
+    assert recorder.runs == [("reg", "3")]
 
 
 def test_warmup_failure_refuses_the_model(tmp_path: Path) -> None:
