@@ -188,3 +188,59 @@ class Recorder:
 
     def batch(self, model: str, version: str, rows: int, waits: list[float]) -> None:
         self.batches.append((model, rows, len(waits)))
+
+
+def gather_table() -> onnx.ModelProto:
+    """idx: int64 [-1, 1] -> y: float [-1, 1, 4], rows of a 10-row table.
+
+    An index outside 0..9 passes validation but makes onnxruntime fail at run time: the way
+    to poison a merged batch.
+    """
+    table = numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "table")
+    return _model(
+        helper.make_graph(
+            [helper.make_node("Gather", ["table", "idx"], ["y"], axis=0)],
+            "gather",
+            [helper.make_tensor_value_info("idx", TensorProto.INT64, ["n", 1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1, 4])],
+            initializer=[table],
+        )
+    )
+
+
+def slow_batched(steps: int = 30000, size: int = 256) -> onnx.ModelProto:
+    """x: float [-1, size] -> y: float [-1], after ``steps`` MatMul+Tanh steps per batch."""
+    rng = np.random.default_rng(1)
+    weight = numpy_helper.from_array(
+        (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32), "w"
+    )
+    trip = numpy_helper.from_array(np.array(steps, dtype=np.int64), "steps")
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "w"], ["mm"]),
+            helper.make_node("Tanh", ["mm"], ["h_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "step",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["n", size]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["n", size]),
+        ],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Loop", ["steps", "cond", "x"], ["h"], body=body),
+            helper.make_node("ReduceMean", ["h"], ["y"], axes=[1], keepdims=0),
+        ],
+        "slow_batched",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", size])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+        initializer=[weight, trip, cond],
+    )
+    return _model(graph)

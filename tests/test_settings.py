@@ -101,3 +101,27 @@ def test_documented_example_matches_the_defaults() -> None:
         assert f"[{section}]" in text
         for field in getattr(Settings(), section).__struct_fields__:
             assert f"\n{field} = " in text, f"{section}.{field} is not documented"
+
+
+def test_worker_model_follows_the_repository(tmp_path: Path) -> None:
+    import shutil
+
+    from app.gunicorn_conf import worker_model
+    from app.wsgi import build_repository
+
+    shutil.copytree(
+        Path(__file__).resolve().parents[1] / "app" / "demo_models" / "mlp", tmp_path / "mlp"
+    )
+    settings = load_settings(write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n'), env={})
+    assert worker_model(settings, build_repository(settings)) == ("gthread", 4)
+    (tmp_path / "mlp" / "model.toml").write_text("[batching]\nmax_batch_size = 32\n")
+    assert worker_model(settings, build_repository(settings)) == ("gthread", 32)
+    explicit = load_settings(
+        write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n[server]\nthreads = 6\n'), env={}
+    )
+    assert worker_model(explicit, build_repository(explicit)) == ("gthread", 6)
+    sync = load_settings(
+        write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n[server]\nworker_class = "sync"\n'),
+        env={},
+    )
+    assert worker_model(sync, build_repository(sync)) == ("sync", 1)

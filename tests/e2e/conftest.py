@@ -117,8 +117,10 @@ def run_server(
     config_path.write_text(
         f'[server]\nbind = ["127.0.0.1:{port}", "unix:{socket_path}"]\nworkers = {workers}\n'
         f"{server_conf}\n"
-        f'[models]\nrepository = "{models}"\ndefault_model = "tabular"\n'
-        f'[metrics]\nmultiproc_dir = "{metrics_dir}"\n' + config
+        f'[models]\nrepository = "{models}"\n'
+        + ('default_model = "tabular"\n' if (models / "tabular").is_dir() else "")
+        + f'[metrics]\nmultiproc_dir = "{metrics_dir}"\n'
+        + config
     )
     log_path = tmp / "server.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ONNX_APPLIANCE_")}

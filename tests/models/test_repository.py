@@ -189,3 +189,35 @@ def test_single_file(tmp_path: Path) -> None:
 def test_default_model_must_exist() -> None:
     with pytest.raises(RepositoryError, match="default_model"):
         Repository.scan(DEMO_MODELS, OPTS, default_model="nope")
+
+
+@pytest.mark.parametrize(
+    ("toml", "fragment"),
+    [
+        ("[batching]\nmax_batch_size = 0\n", "max_batch_size"),
+        ("[batching]\nmax_queue_delay_us = -1\n", "max_queue_delay_us"),
+        ("[batching]\nmax_batch_size = 8\npreferred_batch_sizes = [16]\n", "outside"),
+        ("[batching]\nmax_batch = 8\n", "max_batch"),
+    ],
+)
+def test_bad_batching_config(tmp_path: Path, toml: str, fragment: str) -> None:
+    onnx_factory.save(onnx_factory.two_inputs(), tmp_path, "m")
+    (tmp_path / "m" / "model.toml").write_text(toml)
+    with pytest.raises(RepositoryError, match=fragment):
+        scan(tmp_path)
+
+
+def test_batching_config_reaches_the_model(tmp_path: Path) -> None:
+    onnx_factory.save(onnx_factory.two_inputs(), tmp_path, "m")
+    (tmp_path / "m" / "model.toml").write_text(
+        "[batching]\nmax_batch_size = 8\nmax_queue_delay_us = 250\npreferred_batch_sizes = [4, 2]\n"
+    )
+    repo = scan(tmp_path)
+    options = next(repo.models()).options.batching
+    assert options is not None
+    assert (options.max_batch_size, options.max_queue_delay, options.preferred_batch_sizes) == (
+        8,
+        0.00025,
+        (2, 4),
+    )
+    assert repo.largest_batch == 8
