@@ -8,7 +8,7 @@ CONFIG ?= packaging/appliance.dev.toml
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_LINK_MODE := copy
 
-.PHONY: run test lint typecheck format demo-models check clean
+.PHONY: run test lint typecheck format demo-models check clean bench bench-smoke
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,13 @@ format: $(VENV)/.dev
 # Rebuild the bundled demo models from their training script (needs the dev tools).
 demo-models: $(VENV)/.dev
 	$(BIN)/python packaging/demo/build_models.py app/demo_models
+
+# The appliance side by side with FastAPI, MLServer, BentoML and the bare floor (~30 min).
+bench: $(VENV)/.dev
+	$(BIN)/python loadtests/bench.py $(BENCH_ARGS)
+
+bench-smoke: $(VENV)/.dev
+	$(BIN)/python loadtests/bench.py --smoke
 
 check: $(VENV)/.runtime
 	$(BIN)/onnx-appliance check app/demo_models

@@ -21,6 +21,7 @@ import structlog
 from app.models.batching import BatchingOptions
 from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
 from app.models.onnx import InferenceObserver, OnnxModel, RuntimeOptions
+from app.models.onnx_proto import ProtoError, external_data_locations, looks_like_model
 
 log = structlog.get_logger(__name__)
 
@@ -405,23 +406,22 @@ def check_model_file(model_file: Path, folder: Path) -> None:
 
     ONNX external data is addressed by a relative ``location``; a location that is absolute,
     climbs with ``..`` or resolves through a link to elsewhere would let a model read any file.
+    (onnxruntime refuses those too; checking here stops the repository before any worker
+    starts, with a message naming the file.)
 
     Raises:
         RepositoryError: the file or its external data escapes ``folder``.
     """
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors
-
     if not _inside(model_file, folder):
         raise RepositoryError(f"{model_file.name} in {folder} leads outside its folder")
     try:
-        proto = onnx.load(str(model_file), load_external_data=False)
-    except Exception as exc:  # protobuf raises DecodeError and others
+        data = model_file.read_bytes()
+        locations = external_data_locations(data)
+    except (OSError, ProtoError) as exc:
         raise RepositoryError(f"{model_file} is not a readable ONNX model: {exc}") from None
-    for tensor in _get_all_tensors(proto):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+    if not looks_like_model(data):
+        raise RepositoryError(f"{model_file} is not a readable ONNX model: it has no graph")
+    for location in locations:
         target = folder / location
         if not location or Path(location).is_absolute() or not _inside(target, folder):
             raise RepositoryError(

@@ -1,0 +1,758 @@
+"""``make bench``: onnx-appliance side by side with its peers, interleaved, in one run.
+
+Every configuration serves the same ONNX models (MLServer: the same scikit-learn pipeline)
+with the same number of worker processes, gets the same tensors, and is loaded by the same
+``wrk`` on loopback for a bounded time. Rounds interleave the configurations so that noise on
+the shared machine hits all of them alike; the report gives medians, the spread, and ratios to
+the FastAPI peer and to the bare Falcon floor measured in the same run.
+
+Usage::
+
+    python loadtests/bench.py                 # full run (about half an hour)
+    python loadtests/bench.py --smoke         # one short run per configuration, checked
+    python loadtests/bench.py --only appliance fastapi --duration 5 --rounds 1
+
+Peers are installed with ``uv`` into ``bench/cache`` on first use; one that cannot be installed
+is skipped with a message. Results go to ``bench/results/<date>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / "loadtests" / "peers"
+CACHE = ROOT / "bench" / "cache"
+RESULTS = ROOT / "bench" / "results"
+DEMO = ROOT / "app" / "demo_models"
+WORKERS = 2
+TICK = os.sysconf("SC_CLK_TCK")
+PEER_REQUIREMENTS = {
+    # What FastAPI's own tutorial installs: fastapi[standard] brings uvicorn[standard].
+    "fastapi": ["fastapi[standard]>=0.110,<1", "pydantic>=2,<3", "onnxruntime", "numpy"],
+    "mlserver": [
+        "mlserver==1.7.1",
+        "mlserver-sklearn==1.7.1",
+        "uvloop<0.22",
+        "scikit-learn>=1.5,<1.8",
+    ],
+    "bentoml": ["bentoml>=1.4,<1.5", "onnxruntime", "numpy"],
+}
+
+
+# -- workloads -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One model and payload."""
+
+    name: str
+    model: str
+    inputs: list[dict[str, Any]]
+
+    @property
+    def feeds(self) -> dict[str, np.ndarray]:
+        dtypes = {"FP32": np.float32, "BYTES": object}
+        return {
+            t["name"]: np.array(t["data"], dtype=dtypes[t["datatype"]]).reshape(t["shape"])
+            for t in self.inputs
+        }
+
+
+def _tensor(name: str, rows: np.ndarray, datatype: str = "FP32") -> dict[str, Any]:
+    return {
+        "name": name,
+        "shape": list(rows.shape),
+        "datatype": datatype,
+        "data": rows.ravel().tolist(),
+    }
+
+
+def workloads() -> list[Workload]:
+    rng = np.random.default_rng(2026)
+    tabular = rng.normal(10, 5, (1, 30)).astype(np.float32).round(3)
+    return [
+        Workload("tabular_b1", "tabular", [_tensor("input", tabular)]),
+        Workload(
+            "mlp_b1",
+            "mlp",
+            [_tensor("input", rng.normal(0, 1, (1, 256)).astype(np.float32).round(4))],
+        ),
+        Workload(
+            "mlp_b32",
+            "mlp",
+            [_tensor("input", rng.normal(0, 1, (32, 256)).astype(np.float32).round(4))],
+        ),
+        Workload(
+            "text",
+            "sentiment",
+            [
+                _tensor(
+                    "text",
+                    np.array([["the delivery was fast and the staff were friendly"]], dtype=object),
+                    "BYTES",
+                )
+            ],
+        ),
+    ]
+
+
+# -- configurations ------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    """A server to measure: how to start it and how to talk to it."""
+
+    name: str
+    models: set[str] | None = None  # None: every workload
+    peer: str = ""  # venv under bench/cache, "" for ours
+    envelope: str = "oip"  # oip | bentoml
+    exact: bool = True  # answers must equal in-process onnxruntime
+    skipped: str = ""
+
+    def supports(self, workload: Workload) -> bool:
+        return self.models is None or workload.model in self.models
+
+    def path(self, workload: Workload) -> str:
+        return "/infer" if self.envelope == "bentoml" else f"/v2/models/{workload.model}/infer"
+
+    def body(self, workload: Workload) -> bytes:
+        inputs = workload.inputs
+        if self.name == "mlserver":
+            inputs = [dict(t, name="predict") for t in inputs]
+        if self.envelope == "bentoml":
+            return json.dumps({"model": workload.model, "inputs": inputs}).encode()
+        return json.dumps({"inputs": inputs}).encode()
+
+
+CONFIGS = [
+    Config("floor", exact=False),
+    Config("fastapi", peer="fastapi"),
+    Config("mlserver", models={"tabular"}, peer="mlserver"),
+    Config("bentoml", peer="bentoml", envelope="bentoml"),
+    Config("appliance"),
+    Config("appliance-batched"),
+    Config("appliance-nginx", skipped="the NGINX site template is not in this tree yet"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def uv() -> str:
+    found = shutil.which("uv") or str(ROOT / ".venv" / "bin" / "uv")
+    if not Path(found).exists():
+        raise SystemExit("bench: uv is needed to install the peers (make installs it)")
+    return found
+
+
+def ensure_peer(config: Config) -> None:
+    """Create the peer's venv in bench/cache once; mark the config skipped on failure."""
+    if not config.peer or config.skipped:
+        return
+    venv = CACHE / config.peer
+    stamp = venv / ".installed"
+    wanted = "\n".join(PEER_REQUIREMENTS[config.peer])
+    if stamp.exists() and stamp.read_text() == wanted:
+        return
+    log(f"installing {config.peer} into {venv} ...")
+    env = dict(os.environ, UV_CACHE_DIR=str(CACHE / "uv"), VIRTUAL_ENV=str(venv))
+    try:
+        subprocess.run(
+            [uv(), "venv", "-q", "--clear", "--python", sys.executable, str(venv)],
+            check=True,
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
+        subprocess.run(
+            [uv(), "pip", "install", "-q", *PEER_REQUIREMENTS[config.peer]],
+            check=True,
+            env=env,
+            capture_output=True,
+            timeout=900,
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        config.skipped = f"cannot be installed: {detail.decode(errors='replace')[-300:] or exc}"
+        log(f"SKIP {config.name}: {config.skipped}")
+        return
+    stamp.write_text(wanted)
+
+
+def prepare_models(workdir: Path) -> dict[str, Path]:
+    """Model repositories for the configurations, built from the demo models."""
+    plain = workdir / "models"
+    shutil.copytree(DEMO, plain)
+    (plain / "tabular" / "model.toml").write_text("default_version = 2\n")
+    # The peers load <name>/1/model.onnx: give them tabular version 2 as version 1.
+    peers = workdir / "peer-models"
+    for name in ("mlp", "sentiment"):
+        shutil.copytree(DEMO / name, peers / name)
+    (peers / "tabular" / "1").mkdir(parents=True)
+    shutil.copy(DEMO / "tabular" / "2" / "model.onnx", peers / "tabular" / "1" / "model.onnx")
+    batched = workdir / "models-batched"
+    shutil.copytree(plain, batched)
+    for name in ("mlp", "tabular", "sentiment"):
+        (batched / name / "model.toml").write_text(
+            ("default_version = 2\n" if name == "tabular" else "")
+            + "[batching]\nmax_batch_size = 32\nmax_queue_delay_us = 1000\n"
+            "preferred_batch_sizes = [8, 16, 32]\n"
+        )
+    return {"plain": plain, "peers": peers, "batched": batched}
+
+
+def mlserver_repository(workdir: Path) -> Path:
+    """The same pipeline as tabular version 2, trained in MLServer's own environment."""
+    target = workdir / "mlserver"
+    (target / "tabular").mkdir(parents=True, exist_ok=True)
+    python = CACHE / "mlserver" / "bin" / "python"
+    script = (
+        "import joblib, numpy as np, sys\n"
+        "from sklearn.datasets import load_breast_cancer\n"
+        "from sklearn.linear_model import LogisticRegression\n"
+        "from sklearn.pipeline import make_pipeline\n"
+        "from sklearn.preprocessing import StandardScaler\n"
+        "x, y = load_breast_cancer(return_X_y=True)\n"
+        "pipe = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=1000))\n"
+        "pipe.fit(x.astype(np.float32), y)\n"
+        "joblib.dump(pipe, sys.argv[1])\n"
+    )
+    subprocess.run(
+        [str(python), "-c", script, str(target / "tabular" / "model.joblib")],
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    (target / "tabular" / "model-settings.json").write_text(
+        json.dumps(
+            {
+                "name": "tabular",
+                "implementation": "mlserver_sklearn.SKLearnModel",
+                "parameters": {"uri": "./model.joblib"},
+            }
+        )
+    )
+    return target
+
+
+@dataclass
+class Running:
+    config: Config
+    process: subprocess.Popen[bytes]
+    port: int
+    started: float
+    log_file: Path
+    cold_start: float = 0.0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
+    port = free_port()
+    env = dict(
+        os.environ,
+        BENCH_MODEL_DIR=str(repos["peers"]),
+        BENCH_WORKERS=str(WORKERS),
+        BENTOML_DO_NOT_TRACK="true",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    ours = ROOT / ".venv" / "bin"
+    peer_bin = CACHE / config.peer / "bin"
+    cwd = PEERS
+    if config.name == "floor":
+        cmd = [
+            str(ours / "gunicorn"),
+            "-w",
+            str(WORKERS),
+            "-k",
+            "gthread",
+            "--threads",
+            "4",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+            "--no-control-socket",
+            "bare_falcon:app",
+        ]
+    elif config.name == "fastapi":
+        cmd = [
+            str(peer_bin / "uvicorn"),
+            "fastapi_app:app",
+            "--workers",
+            str(WORKERS),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
+    elif config.name == "mlserver":
+        repo = mlserver_repository(workdir)
+        (repo / "settings.json").write_text(
+            json.dumps(
+                {
+                    "http_port": port,
+                    "grpc_port": free_port(),
+                    "metrics_port": free_port(),
+                    "parallel_workers": WORKERS,
+                    "debug": False,
+                    "host": "127.0.0.1",
+                }
+            )
+        )
+        cmd = [str(peer_bin / "mlserver"), "start", str(repo)]
+    elif config.name == "bentoml":
+        cmd = [
+            str(peer_bin / "bentoml"),
+            "serve",
+            "bentoml_service:Appliance",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+    else:
+        repo = repos["batched" if config.name == "appliance-batched" else "plain"]
+        cmd = [
+            str(ours / "onnx-appliance"),
+            "serve",
+            "--model-dir",
+            str(repo),
+            "--workers",
+            str(WORKERS),
+            "--bind",
+            f"127.0.0.1:{port}",
+        ]
+        cwd = ROOT
+    log_file = workdir / f"{config.name}.log"
+    with log_file.open("ab") as out:
+        started = time.monotonic()
+        process = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return Running(config, process, port, started, log_file)
+
+
+def post(url: str, body: bytes, timeout: float = 10) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def wait_first_200(running: Running, workload: Workload, timeout: float = 180) -> float:
+    """Cold start: seconds from process start to the first 200 on a real request."""
+    url = running.base + running.config.path(workload)
+    body = running.config.body(workload)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if running.process.poll() is not None:
+            raise RuntimeError(f"{running.config.name} exited; see {running.log_file}")
+        status, _ = post(url, body, timeout=5)
+        if status == 200:
+            return time.monotonic() - running.started
+        time.sleep(0.02)
+    raise RuntimeError(f"{running.config.name} gave no 200 in {timeout}s; see {running.log_file}")
+
+
+def stop(running: Running) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(running.process.pid, signal.SIGTERM)
+    try:
+        running.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(running.process.pid, signal.SIGKILL)
+        running.process.wait(timeout=10)
+
+
+# -- measuring -----------------------------------------------------------------------------
+
+
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                children = (task / "children").read_text().split()
+                todo.extend(int(c) for c in children)
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
+
+
+def rss_mib(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def worker_rss(running: Running) -> float:
+    """Mean RSS of the worker processes (the descendants; the process itself if none)."""
+    pids = tree(running.process.pid)
+    workers = pids[1:] or pids
+    values = [v for v in (rss_mib(p) for p in workers) if v > 5]
+    return round(statistics.mean(values), 1) if values else 0.0
+
+
+@dataclass
+class Sample:
+    config: str
+    workload: str
+    concurrency: int
+    round: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int
+    cpu_us_per_request: float
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(text: str) -> float:
+    match = re.match(r"([\d.]+)(us|ms|s)", text)
+    return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
+
+
+def run_wrk(
+    running: Running, workload: Workload, concurrency: int, duration: float, workdir: Path
+) -> tuple[float, float, float, int, int, float]:
+    script = workdir / "wrk.lua"
+    body = running.config.body(workload).decode()
+    script.write_text(
+        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = {json.dumps(body)}\n"
+    )
+    pids = tree(running.process.pid)
+    before = cpu_seconds(pids)
+    result = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{concurrency}",
+            f"-d{max(1, round(duration))}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            running.base + running.config.path(workload),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+        check=True,
+    )
+    used = cpu_seconds(pids) - before
+    text = result.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", text).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"50%\s+(\S+)", text).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+(\S+)", text).group(1))  # type: ignore[union-attr]
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors += int(non2xx.group(1)) if non2xx else 0
+    cpu_us = used / total * 1e6 if total else float("nan")
+    return rps, p50, p99, total, errors, cpu_us
+
+
+def check_answer(running: Running, workload: Workload) -> str:
+    """'' when the answer matches in-process onnxruntime (or is a 200 for the floor)."""
+    status, body = post(running.base + running.config.path(workload), running.config.body(workload))
+    if status != 200:
+        return f"status {status}"
+    if not running.config.exact:
+        return ""
+    import onnxruntime as ort
+
+    model = DEMO / workload.model / ("2" if workload.model == "tabular" else "1") / "model.onnx"
+    session = ort.InferenceSession(str(model))
+    expected = session.run(None, workload.feeds)[0]
+    doc = json.loads(body)
+    got = doc["outputs"][0]["data"]
+    if [str(v) for v in np.asarray(got).ravel()] == [str(v) for v in expected.ravel()]:
+        return ""
+    if np.issubdtype(expected.dtype, np.number) and np.allclose(
+        np.asarray(got, dtype=np.float64).ravel(), expected.ravel(), rtol=1e-4, atol=1e-5
+    ):
+        return ""
+    return f"answer {got[:4]} differs from onnxruntime's {expected.ravel()[:4].tolist()}"
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    started: str
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    samples: list[Sample] = field(default_factory=list)
+    cold_start_s: dict[str, list[float]] = field(default_factory=dict)
+    rss_mib: dict[str, list[float]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+
+def measure(args: argparse.Namespace) -> Report:
+    configs = [c for c in CONFIGS if not args.only or c.name in args.only]
+    loads = [w for w in workloads() if not args.workloads or w.name in args.workloads]
+    report = Report(
+        started=datetime.now(UTC).isoformat(timespec="seconds"),
+        machine={"cores": os.cpu_count(), "python": sys.version.split()[0]},
+        settings={
+            "rounds": args.rounds,
+            "duration_s": args.duration,
+            "concurrency": args.concurrency,
+            "workers": WORKERS,
+            "smoke": args.smoke,
+        },
+    )
+    for config in configs:
+        ensure_peer(config)
+        if config.skipped:
+            report.skipped[config.name] = config.skipped
+            log(f"SKIP {config.name}: {config.skipped}")
+    active = [c for c in configs if not c.skipped]
+    with tempfile.TemporaryDirectory(prefix="onnx-bench-") as tmp:
+        workdir = Path(tmp)
+        repos = prepare_models(workdir)
+        steps = sum(1 for c in active for w in loads if c.supports(w)) * len(args.concurrency)
+        for round_no in range(1, args.rounds + 1):
+            done = 0
+            for config in active:
+                mine = [w for w in loads if config.supports(w)]
+                if not mine:
+                    continue
+                running = start(config, repos, workdir)
+                try:
+                    cold = wait_first_200(running, mine[0])
+                    report.cold_start_s.setdefault(config.name, []).append(round(cold, 3))
+                    for workload in mine:
+                        problem = check_answer(running, workload)
+                        if problem:
+                            report.failures.append(f"{config.name}/{workload.name}: {problem}")
+                            log(f"FAIL {config.name} {workload.name}: {problem}")
+                        # Warm-up, not recorded.
+                        run_wrk(
+                            running,
+                            workload,
+                            max(args.concurrency),
+                            min(2.0, args.duration),
+                            workdir,
+                        )
+                        for conc in args.concurrency:
+                            done += 1
+                            rps, p50, p99, total, errors, cpu = run_wrk(
+                                running, workload, conc, args.duration, workdir
+                            )
+                            report.samples.append(
+                                Sample(
+                                    config.name,
+                                    workload.name,
+                                    conc,
+                                    round_no,
+                                    rps,
+                                    p50,
+                                    p99,
+                                    total,
+                                    errors,
+                                    round(cpu, 1),
+                                )
+                            )
+                            log(
+                                f"round {round_no}/{args.rounds} [{done}/{steps}] "
+                                f"{config.name:18} {workload.name:11} c={conc:<3} "
+                                f"{rps:9.1f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  "
+                                f"errors {errors}  cpu {cpu:7.1f} us/req"
+                            )
+                    report.rss_mib.setdefault(config.name, []).append(worker_rss(running))
+                except (RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
+                    report.failures.append(f"{config.name}: {exc}")
+                    log(f"FAIL {config.name}: {exc}")
+                finally:
+                    stop(running)
+    return report
+
+
+def summarise(report: Report) -> tuple[str, dict[str, Any]]:
+    """Median table with spread and ratios, as Markdown, plus the same as data."""
+    groups: dict[tuple[str, str, int], list[Sample]] = {}
+    for s in report.samples:
+        groups.setdefault((s.workload, s.config, s.concurrency), []).append(s)
+    med: dict[tuple[str, str, int], dict[str, float]] = {}
+    for key, samples in groups.items():
+        rps = [s.rps for s in samples]
+        med[key] = {
+            "rps": statistics.median(rps),
+            "rps_min": min(rps),
+            "rps_max": max(rps),
+            "p50_ms": statistics.median(s.p50_ms for s in samples),
+            "p99_ms": statistics.median(s.p99_ms for s in samples),
+            "errors": sum(s.errors for s in samples),
+            "cpu_us": statistics.median(s.cpu_us_per_request for s in samples),
+        }
+    lines = [
+        f"# onnx-appliance benchmark, {report.started}",
+        "",
+        f"{report.machine['cores']} cores, {WORKERS} worker processes per server, wrk -t1 "
+        f"on loopback, {report.settings['duration_s']} s per run, "
+        f"{report.settings['rounds']} interleaved round(s); medians (min-max).",
+        "",
+    ]
+    summary: dict[str, Any] = {}
+    for workload in dict.fromkeys(k[0] for k in med):
+        for conc in sorted({k[2] for k in med if k[0] == workload}):
+            lines += [
+                f"## {workload}, concurrency {conc}",
+                "",
+                "| config | req/s | p50 ms | p99 ms | errors | server CPU µs/req "
+                "| x FastAPI | x floor | p99 x FastAPI |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            fast = med.get((workload, "fastapi", conc))
+            floor = med.get((workload, "floor", conc))
+            for (w, config, c), m in sorted(med.items(), key=lambda kv: -kv[1]["rps"]):
+                if w != workload or c != conc:
+                    continue
+                vs_fast = m["rps"] / fast["rps"] if fast else None
+                vs_floor = m["rps"] / floor["rps"] if floor else None
+                p99_fast = m["p99_ms"] / fast["p99_ms"] if fast else None
+                summary[f"{workload}/c{conc}/{config}"] = dict(
+                    m, x_fastapi=vs_fast, x_floor=vs_floor, p99_x_fastapi=p99_fast
+                )
+                lines.append(
+                    f"| {config} | {m['rps']:.0f} ({m['rps_min']:.0f}-{m['rps_max']:.0f}) "
+                    f"| {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['errors']} | {m['cpu_us']:.0f} "
+                    f"| {_x(vs_fast)} | {_x(vs_floor)} | {_x(p99_fast)} |"
+                )
+            lines.append("")
+    lines += [
+        "## Cold start and memory",
+        "",
+        "| config | cold start s (median) | worker RSS MiB | cold x FastAPI | RSS x FastAPI |",
+        "|---|---|---|---|---|",
+    ]
+    fast_cold = _median(report.cold_start_s.get("fastapi"))
+    fast_rss = _median(report.rss_mib.get("fastapi"))
+    for config in report.cold_start_s:
+        cold = _median(report.cold_start_s[config])
+        rss = _median(report.rss_mib.get(config))
+        summary[f"startup/{config}"] = {"cold_start_s": cold, "worker_rss_mib": rss}
+        lines.append(
+            f"| {config} | {cold:.2f} | {rss:.0f} | "
+            f"{_x(cold / fast_cold if fast_cold else None)} | "
+            f"{_x(rss / fast_rss if fast_rss else None)} |"
+        )
+    if report.skipped:
+        lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in report.skipped.items())]
+    if report.failures:
+        lines += ["", "Failures: " + "; ".join(report.failures)]
+    return "\n".join(lines) + "\n", summary
+
+
+def _median(values: list[float] | None) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def _x(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one short run per configuration; fail unless each answers right",
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--only", nargs="+", help="configurations to run")
+    parser.add_argument("--workloads", nargs="+", help="workloads to run")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.duration, args.concurrency = 1, 1.0, [4]
+        args.workloads = args.workloads or ["tabular_b1"]
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench: wrk is needed (apt-get install wrk)")
+    report = measure(args)
+    markdown, summary = summarise(report)
+    print(markdown)
+    if not args.smoke:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%SZ")
+        data = asdict(report) | {"summary": summary}
+        (RESULTS / f"{stamp}.json").write_text(json.dumps(data, indent=1))
+        (RESULTS / f"{stamp}.md").write_text(markdown)
+        log(f"wrote {RESULTS / stamp}.json and .md")
+    answered = {s.config for s in report.samples if s.requests > 0 and s.errors == 0}
+    expected = {c.name for c in CONFIGS if not c.skipped and (not args.only or c.name in args.only)}
+    for config in sorted(expected):
+        failed = any(f.startswith((config + "/", config + ":")) for f in report.failures)
+        verdict = "answered correctly" if config in answered and not failed else "FAILED"
+        log(f"{config}: {verdict}")
+    ok = not report.failures and answered >= expected
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
