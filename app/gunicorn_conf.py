@@ -29,7 +29,7 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
 from app.keys import KeyFileError, KeyStore
-from app.logging import GunicornLogger
+from app.logging import GunicornLogger, flush_logs
 from app.metrics import Metrics, compact_dead_worker, mark_process_dead
 from app.models.errors import RepositoryError
 from app.models.repository import Repository
@@ -110,6 +110,7 @@ def gunicorn_options(settings: Settings, repository: Repository) -> dict[str, An
         "post_worker_init": post_worker_init,
         "child_exit": child_exit,
         "when_ready": when_ready,
+        "worker_exit": worker_exit,
     }
     if s.control_socket:
         options["control_socket"] = s.control_socket
@@ -139,6 +140,11 @@ def child_exit(server: Any, worker: Any) -> None:
         compact_dead_worker(worker.pid)
     except OSError as exc:  # metrics housekeeping must never take the master down
         log.error("metrics_compaction_failed", pid=worker.pid, error=str(exc))
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Write the worker's queued log lines before it goes."""
+    flush_logs()
 
 
 def when_ready(server: Any) -> None:

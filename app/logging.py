@@ -6,15 +6,22 @@ timestamp, the level, the event and whatever is bound in contextvars (``request_
 
 from __future__ import annotations
 
+import atexit
+import collections
+import contextlib
 import logging
 import os
 import sys
-from typing import Any
+import threading
+import time
+from typing import Any, BinaryIO
 
 import orjson
 import structlog
 from gunicorn.glogging import Logger as GunicornBaseLogger
 
+#: Name of the logger that writes one line per request.
+ACCESS_LOGGER = "app.access"
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -46,6 +53,98 @@ def _renderer(fmt: str) -> Any:
     return structlog.processors.JSONRenderer(serializer=orjson.dumps)
 
 
+class BufferedLogger:
+    """A structlog logger that writes whole lines in batches, from one thread per process.
+
+    Writing every request's line with its own system call costs a worker about a tenth of
+    its time under load. Lines are queued and written every ``interval`` seconds (or sooner
+    when many wait); warnings and errors are written at once, and the queue is drained at
+    exit, so only a process killed outright can lose the last fraction of a second.
+
+    Args:
+        stream: Binary stream to write to (stderr).
+        interval: Seconds between writes.
+    """
+
+    def __init__(self, stream: BinaryIO, interval: float = 0.05) -> None:
+        self._stream = stream
+        self._interval = interval
+        self._lines: collections.deque[bytes] = collections.deque()
+        self._lock = threading.Lock()
+        self._pid = 0
+        atexit.register(self.flush)
+
+    def _ensure_writer(self) -> None:
+        # Threads do not survive fork: each worker starts its own writer.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="log-writer", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every queued line now."""
+        with self._lock:
+            if not self._lines:
+                return
+            chunk = []
+            while self._lines:
+                chunk.append(self._lines.popleft())
+            with contextlib.suppress(OSError, ValueError):
+                self._stream.write(b"".join(chunk))
+                self._stream.flush()
+
+    def msg(self, message: bytes) -> None:
+        """Queue one rendered line."""
+        self._lines.append(message + b"\n")
+        if self._pid != os.getpid():
+            self._ensure_writer()
+        if len(self._lines) > 1000:
+            self.flush()
+
+    def urgent(self, message: bytes) -> None:
+        """Write one line now, after everything queued before it."""
+        self.msg(message)
+        self.flush()
+
+    debug = info = msg
+    warning = warn = error = err = critical = exception = fatal = failure = urgent
+
+
+class _Immediate:
+    """The shared buffered logger, but every line is written at once."""
+
+    def __init__(self, logger: BufferedLogger) -> None:
+        self.msg = logger.urgent
+        self.debug = self.info = self.warning = self.warn = self.error = self.err = self.msg
+        self.critical = self.exception = self.fatal = self.failure = self.msg
+
+
+class BufferedLoggerFactory:
+    """Batches the per-request access lines; every other line is written at once.
+
+    Both share one queue, so lines stay in order.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._logger = BufferedLogger(stream)
+        self._immediate = _Immediate(self._logger)
+
+    def __call__(self, *args: Any) -> BufferedLogger | _Immediate:
+        """The batching logger for ``app.access``, the immediate one for the rest."""
+        return self._logger if args and args[0] == ACCESS_LOGGER else self._immediate
+
+
+def flush_logs() -> None:
+    """Write queued log lines now (before a worker exits)."""
+    factory = structlog.get_config().get("logger_factory")
+    if isinstance(factory, BufferedLoggerFactory):
+        factory._logger.flush()
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """Configure structlog and the standard library's root logger the same way.
 
@@ -60,7 +159,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         # orjson renders bytes; the console renderer renders str.
         logger_factory=(
-            structlog.BytesLoggerFactory(sys.stderr.buffer)
+            BufferedLoggerFactory(sys.stderr.buffer)
             if fmt == "json"
             else structlog.PrintLoggerFactory(sys.stderr)
         ),

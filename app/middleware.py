@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import re
 import time
 import uuid
@@ -13,6 +15,7 @@ import structlog
 
 from app.errors import ApiError
 from app.keys import KeyStore
+from app.logging import ACCESS_LOGGER
 from app.metrics import Metrics
 from app.ratelimit import RateLimiter
 
@@ -24,14 +27,37 @@ _QUIET_ROUTES = frozenset(
     {"/v2/health/live", "/v2/health/ready", "/healthz", "/readyz", "/metrics"}
 )
 
-log = structlog.get_logger("app.access")
+log = structlog.get_logger(ACCESS_LOGGER)
+
+
+class _IdSource:
+    """Unique 32-hex-digit ids: a random prefix per process and a counter.
+
+    A uuid4 per request reads the kernel's random source every time, which showed up in
+    profiles; ids need to be unique, not unguessable.
+    """
+
+    def __init__(self) -> None:
+        self._pid = 0
+        self._prefix = ""
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        if self._pid != os.getpid():  # new after fork, so workers never share a prefix
+            self._pid = os.getpid()
+            self._prefix = uuid.uuid4().hex[:16]
+            self._counter = itertools.count()
+        return f"{self._prefix}{next(self._counter):016x}"
+
+
+_IDS = _IdSource()
 
 
 def request_id_from(value: str | None) -> str:
-    """The client's request id when well formed, else a fresh random one."""
+    """The client's request id when well formed, else a fresh unique one."""
     if value and _REQUEST_ID_RE.match(value):
         return value
-    return uuid.uuid4().hex
+    return _IDS.next()
 
 
 class RequestContext:

@@ -49,3 +49,40 @@ def test_gunicorn_logger_renders_through_the_chain() -> None:
     assert doc["event"] == "Booting worker"
     assert doc["level"] == "info"
     assert logger.access_log.handlers == []
+
+
+def test_access_lines_are_batched_and_the_rest_written_at_once() -> None:
+    import io
+    import time as clock
+
+    from app.logging import ACCESS_LOGGER, BufferedLoggerFactory
+
+    stream = io.BytesIO()
+    factory = BufferedLoggerFactory(stream)
+    access, other = factory(ACCESS_LOGGER), factory("app.models")
+    access.info(b'{"event":"request","n":1}')
+    assert stream.getvalue() == b""  # queued, not yet written
+    other.info(b'{"event":"model_ready"}')  # written at once, after what was queued
+    assert stream.getvalue().splitlines() == [
+        b'{"event":"request","n":1}',
+        b'{"event":"model_ready"}',
+    ]
+    access.info(b'{"event":"request","n":2}')
+    deadline = clock.monotonic() + 2
+    while b'"n":2' not in stream.getvalue() and clock.monotonic() < deadline:
+        clock.sleep(0.01)
+    assert stream.getvalue().endswith(b'{"event":"request","n":2}\n')  # the writer thread
+
+
+def test_queued_lines_are_written_at_exit() -> None:
+    code = textwrap.dedent("""
+        import structlog
+        from app.logging import configure_logging
+        configure_logging("info", "json")
+        for i in range(3):
+            structlog.get_logger("app.access").info("request", n=i)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert [json.loads(x)["n"] for x in result.stderr.splitlines()] == [0, 1, 2]

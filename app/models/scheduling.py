@@ -72,7 +72,7 @@ class Gate:
 class Watchdog:
     """One thread per worker that sets ``terminate`` on runs past their deadline."""
 
-    TICK = 0.005
+    TICK = 0.01
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
