@@ -549,6 +549,28 @@ class Report:
     rss_mib: dict[str, list[float]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    ceiling_calls_per_s: dict[str, list[float]] = field(default_factory=dict)
+
+
+def ceiling(loads: list[Workload], seconds: float) -> dict[str, float]:
+    """In-process onnxruntime calls per second, one intra-op thread, batch 1 and 32."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    out: dict[str, float] = {}
+    for workload in loads:
+        version = "2" if workload.model == "tabular" else "1"
+        session = ort.InferenceSession(str(DEMO / workload.model / version / "model.onnx"), options)
+        for batch in (1, 32):
+            feeds = {k: np.repeat(v[:1], batch, axis=0) for k, v in workload.feeds.items()}
+            calls, end = 0, time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                session.run(None, feeds)
+                calls += 1
+            out[f"{workload.model}_b{batch}"] = round(calls / seconds, 1)
+    return out
 
 
 def measure(args: argparse.Namespace) -> Report:
@@ -576,6 +598,9 @@ def measure(args: argparse.Namespace) -> Report:
         repos = prepare_models(workdir)
         steps = sum(1 for c in active for w in loads if c.supports(w)) * len(args.concurrency)
         for round_no in range(1, args.rounds + 1):
+            for key, value in ceiling(loads, min(2.0, args.duration)).items():
+                report.ceiling_calls_per_s.setdefault(key, []).append(value)
+            log(f"round {round_no}: in-process ceiling measured")
             done = 0
             for config in active:
                 mine = [w for w in loads if config.supports(w)]
@@ -684,6 +709,19 @@ def summarise(report: Report) -> tuple[str, dict[str, Any]]:
                     f"| {_x(vs_fast)} | {_x(vs_floor)} | {_x(p99_fast)} |"
                 )
             lines.append("")
+    if report.ceiling_calls_per_s:
+        lines += [
+            "## In-process onnxruntime ceiling (1 thread, no server)",
+            "",
+            "| model, batch | calls/s | rows/s |",
+            "|---|---|---|",
+        ]
+        for key, values in report.ceiling_calls_per_s.items():
+            calls = statistics.median(values)
+            rows = calls * int(key.rsplit("_b", 1)[1])
+            summary[f"ceiling/{key}"] = {"calls_per_s": calls, "rows_per_s": rows}
+            lines.append(f"| {key} | {calls:.0f} | {rows:.0f} |")
+        lines.append("")
     lines += [
         "## Cold start and memory",
         "",
