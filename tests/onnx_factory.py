@@ -136,29 +136,10 @@ def slow_loop(size: int = 256) -> onnx.ModelProto:
     A real graph whose run time the caller chooses: about 0.15 ms per step at size 256 on one
     thread, and onnxruntime can cancel it between steps (RunOptions.terminate).
     """
-    rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(
-        (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32), "w"
-    )
+    weight = _random_weight(0, size)
     shape = numpy_helper.from_array(np.array([size, size], dtype=np.int64), "shape")
     cond = numpy_helper.from_array(np.array(True), "cond")
-    body = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["h_in", "w"], ["mm"]),
-            helper.make_node("Tanh", ["mm"], ["h_out"]),
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-        ],
-        "step",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [size, size]),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [size, size]),
-        ],
-    )
+    body = _matmul_tanh_step(size, size)
     graph = helper.make_graph(
         [
             helper.make_node("Expand", ["x", "shape"], ["h0"]),
@@ -210,29 +191,10 @@ def gather_table() -> onnx.ModelProto:
 
 def slow_batched(steps: int = 30000, size: int = 256) -> onnx.ModelProto:
     """x: float [-1, size] -> y: float [-1], after ``steps`` MatMul+Tanh steps per batch."""
-    rng = np.random.default_rng(1)
-    weight = numpy_helper.from_array(
-        (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32), "w"
-    )
+    weight = _random_weight(1, size)
     trip = numpy_helper.from_array(np.array(steps, dtype=np.int64), "steps")
     cond = numpy_helper.from_array(np.array(True), "cond")
-    body = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["h_in", "w"], ["mm"]),
-            helper.make_node("Tanh", ["mm"], ["h_out"]),
-            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-        ],
-        "step",
-        [
-            helper.make_tensor_value_info("i", TensorProto.INT64, []),
-            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["n", size]),
-        ],
-        [
-            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["n", size]),
-        ],
-    )
+    body = _matmul_tanh_step(size, "n")
     graph = helper.make_graph(
         [
             helper.make_node("Loop", ["steps", "cond", "x"], ["h"], body=body),
@@ -244,3 +206,31 @@ def slow_batched(steps: int = 30000, size: int = 256) -> onnx.ModelProto:
         initializer=[weight, trip, cond],
     )
     return _model(graph)
+
+
+def _matmul_tanh_step(size: int, rows: int | str) -> onnx.GraphProto:
+    """Loop body: h_out = tanh(h_in @ w), with h of shape [rows, size]."""
+    return helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "w"], ["mm"]),
+            helper.make_node("Tanh", ["mm"], ["h_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "step",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [rows, size]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [rows, size]),
+        ],
+    )
+
+
+def _random_weight(seed: int, size: int) -> onnx.TensorProto:
+    rng = np.random.default_rng(seed)
+    return numpy_helper.from_array(
+        (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32), "w"
+    )

@@ -9,6 +9,7 @@ import orjson
 
 from app import __version__
 from app.errors import STATUS_BY_CODE
+from app.models.signature import DATATYPE_TO_NUMPY
 
 _JSON = "application/json"
 
@@ -125,23 +126,7 @@ def build_spec() -> dict[str, Any]:
         "properties": {
             "name": {"type": "string"},
             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "datatype": {
-                "enum": [
-                    "BOOL",
-                    "UINT8",
-                    "UINT16",
-                    "UINT32",
-                    "UINT64",
-                    "INT8",
-                    "INT16",
-                    "INT32",
-                    "INT64",
-                    "FP16",
-                    "FP32",
-                    "FP64",
-                    "BYTES",
-                ]
-            },
+            "datatype": {"enum": list(DATATYPE_TO_NUMPY)},
             "data": {
                 "description": "Row-major values, flat or nested; omitted when "
                 "parameters.binary_data_size is given."

@@ -9,6 +9,8 @@ import orjson
 import pytest
 from falcon.testing import TestClient
 
+from tests import onnx_factory
+
 PATH_RE = re.compile(r"/[\w.-]+/[\w.-]+|\.onnx|\.py\b")
 GOOD = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}
 
@@ -285,21 +287,7 @@ def test_values_that_do_not_fit_the_datatype(
                 "datatype": dt,
                 "data": data if dt == datatype else _zeros(dt),
             }
-            for dt in (
-                "BOOL",
-                "UINT8",
-                "UINT16",
-                "UINT32",
-                "UINT64",
-                "INT8",
-                "INT16",
-                "INT32",
-                "INT64",
-                "FP16",
-                "FP32",
-                "FP64",
-                "BYTES",
-            )
+            for dt in onnx_factory.ELEM_TYPES
         ]
     }
     assert_error(
