@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
 from tests.conftest import ROOT
 from tests.e2e.conftest import free_port
+from tests.e2e.templates import render
 
 SITE_TEMPLATE = ROOT / "nginx" / "onnx-appliance.conf.j2"
 SERVER_NAME = "appliance.test"
@@ -89,12 +88,7 @@ def lab_tls(tmp: Path) -> dict[str, Path]:
 
 def render_site(**variables: Any) -> str:
     """Render the site template; a missing variable is an error."""
-    env = jinja2.Environment(
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,  # noqa: S701 (renders an nginx config, not HTML)
-    )
-    return env.from_string(SITE_TEMPLATE.read_text()).render(**variables)
+    return render(SITE_TEMPLATE, **variables)
 
 
 @dataclass
