@@ -8,7 +8,7 @@ CONFIG ?= packaging/appliance.dev.toml
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_LINK_MODE := copy
 
-.PHONY: run test lint typecheck format demo-models check clean bench bench-smoke
+.PHONY: run test lint typecheck format demo-models check clean bench bench-smoke dist
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ bench: $(VENV)/.dev
 
 bench-smoke: $(VENV)/.dev
 	$(BIN)/python loadtests/bench.py --smoke
+
+# Offline install artifact for Debian 12 VMs: dist/onnx-appliance-<version>.tar.gz
+dist: $(VENV)/.dev
+	$(BIN)/python packaging/dist.py dist
 
 check: $(VENV)/.runtime
 	$(BIN)/onnx-appliance check app/demo_models
