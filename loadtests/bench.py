@@ -26,6 +26,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for loadtests.edge when run as a script
 PEERS = ROOT / "loadtests" / "peers"
 CACHE = ROOT / "bench" / "cache"
 RESULTS = ROOT / "bench" / "results"
@@ -154,7 +156,7 @@ CONFIGS = [
     Config("bentoml", peer="bentoml", envelope="bentoml"),
     Config("appliance"),
     Config("appliance-batched"),
-    Config("appliance-nginx", skipped="the NGINX site template is not in this tree yet"),
+    Config("appliance-nginx"),
 ]
 
 
@@ -273,10 +275,13 @@ class Running:
     started: float
     log_file: Path
     cold_start: float = 0.0
+    edge: contextlib.ExitStack | None = None
+    scheme: str = "http"
+    host: str = "127.0.0.1"
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
 
 def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
@@ -357,7 +362,9 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
             "--workers",
             str(WORKERS),
             "--bind",
-            f"127.0.0.1:{port}",
+            f"unix:{workdir / 'app.sock'}"
+            if config.name == "appliance-nginx"
+            else f"127.0.0.1:{port}",
         ]
         cwd = ROOT
     log_file = workdir / f"{config.name}.log"
@@ -366,7 +373,35 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
         process = subprocess.Popen(
             cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    return Running(config, process, port, started, log_file)
+    running = Running(config, process, port, started, log_file)
+    if config.name == "appliance-nginx":
+        # NGINX with TLS in front, over the unix socket, as deployed (lab certificate).
+        from loadtests.edge import run_edge
+
+        edge_dir = workdir / f"edge-{port}"
+        edge_dir.mkdir()
+        stack = contextlib.ExitStack()
+        edge = stack.enter_context(
+            run_edge(
+                edge_dir,
+                str(workdir / "app.sock"),
+                nginx_site_server_name="localhost",
+                nginx_site_rate_limit=1_000_000,
+                nginx_site_rate_burst=1_000_000,
+                nginx_site_conn_limit=10_000,
+                nginx_site_upstream_keepalive=64,
+                nginx_site_access_log=edge_dir / "access.log",
+            )
+        )
+        running.edge, running.scheme, running.host = stack, "https", "localhost"
+        running.port = edge.https_port
+    return running
+
+
+# The lab certificate of the NGINX configuration is self-made: loopback only, not verified.
+_LAB_TLS = ssl.create_default_context()
+_LAB_TLS.check_hostname = False
+_LAB_TLS.verify_mode = ssl.CERT_NONE
 
 
 def post(url: str, body: bytes, timeout: float = 10) -> tuple[int, bytes]:
@@ -374,7 +409,7 @@ def post(url: str, body: bytes, timeout: float = 10) -> tuple[int, bytes]:
         url, data=body, method="POST", headers={"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout, context=_LAB_TLS) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -398,6 +433,8 @@ def wait_first_200(running: Running, workload: Workload, timeout: float = 180) -
 
 
 def stop(running: Running) -> None:
+    if running.edge is not None:
+        running.edge.close()
     with contextlib.suppress(ProcessLookupError):
         os.killpg(running.process.pid, signal.SIGTERM)
     try:

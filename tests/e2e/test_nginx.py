@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from loadtests.edge import Edge, run_edge
 from tests.e2e.conftest import Server, run_server
-from tests.e2e.edge import Edge, run_edge
 
 BODY = json.dumps(
     {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}

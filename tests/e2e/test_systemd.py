@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from loadtests.templates import render
 from tests.conftest import ROOT
-from tests.e2e.templates import render
 
 UNITS = ("onnx-appliance.service", "onnx-appliance.socket")
 

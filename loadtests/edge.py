@@ -1,4 +1,7 @@
-"""Real NGINX on loopback in front of a real appliance: lab TLS, the site template, curl."""
+"""Real NGINX on loopback in front of a real appliance: lab TLS, the site template, curl.
+
+Used by the end-to-end tests and by ``make bench`` (the appliance-nginx configuration).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import contextlib
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,16 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT
-from tests.e2e.conftest import free_port
-from tests.e2e.templates import render
+from loadtests.templates import render
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SITE_TEMPLATE = ROOT / "nginx" / "onnx-appliance.conf.j2"
 SERVER_NAME = "appliance.test"
 
 
-def lab_tls(tmp: Path) -> dict[str, Path]:
-    """A lab CA and a leaf for SERVER_NAME (ECDSA P-256, 30 days, SAN not critical)."""
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def lab_tls(tmp: Path, name: str = SERVER_NAME) -> dict[str, Path]:
+    """A lab CA and a leaf for ``name`` (ECDSA P-256, 30 days, SAN not critical)."""
 
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=tmp, check=True, capture_output=True, timeout=60)
@@ -60,10 +71,10 @@ def lab_tls(tmp: Path) -> dict[str, Path]:
         "-out",
         "leaf.csr",
         "-subj",
-        f"/CN={SERVER_NAME}",
+        f"/CN={name}",
     )
     (tmp / "leaf.ext").write_text(
-        f"subjectAltName=DNS:{SERVER_NAME}\nbasicConstraints=critical,CA:FALSE\n"
+        f"subjectAltName=DNS:{name}\nbasicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
     )
     openssl(
@@ -100,18 +111,20 @@ class Edge:
     http_port: int
     https_port: int
     ca: Path
+    name: str = SERVER_NAME
 
     @property
     def access_log(self) -> Path:
         return self.prefix / "access.log"
 
     def url(self, path: str) -> str:
-        return f"https://{SERVER_NAME}:{self.https_port}{path}"
+        return f"https://{self.name}:{self.https_port}{path}"
 
     def curl(
-        self, path: str, *args: str, https: bool = True, host: str = SERVER_NAME
+        self, path: str, *args: str, https: bool = True, host: str = ""
     ) -> subprocess.CompletedProcess[str]:
         """curl through the edge with the lab CA, resolving the name to loopback."""
+        host = host or self.name
         port = self.https_port if https else self.http_port
         scheme = "https" if https else "http"
         return subprocess.run(
@@ -145,7 +158,8 @@ def run_edge(tmp: Path, socket_path: str, **overrides: Any) -> Iterator[Edge]:
         raise RuntimeError("nginx is not installed (.ci/run installs it)")
     prefix = tmp / "nginx"
     prefix.mkdir()
-    tls = lab_tls(prefix)
+    name = overrides.get("nginx_site_server_name", SERVER_NAME)
+    tls = lab_tls(prefix, name)
     http_port, https_port = free_port(), free_port()
     variables = {
         "nginx_site_server_name": SERVER_NAME,
@@ -194,7 +208,7 @@ def run_edge(tmp: Path, socket_path: str, **overrides: Any) -> Iterator[Edge]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    edge = Edge(process, prefix, http_port, https_port, tls["ca"])
+    edge = Edge(process, prefix, http_port, https_port, tls["ca"], name)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
