@@ -1,0 +1,71 @@
+"""The Ansible roles: lint-clean at the production profile, one copy of each template."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jinja2
+import jinja2.meta
+import yaml
+
+from tests.conftest import ROOT
+
+ANSIBLE = ROOT / "ansible"
+BIN = Path(sys.executable).parent
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    env = dict(
+        os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", ANSIBLE_NOCOLOR="1", NO_COLOR="1"
+    )
+    return subprocess.run(
+        cmd, cwd=ANSIBLE, capture_output=True, text=True, timeout=600, env=env, check=False
+    )
+
+
+def test_ansible_lint_production_profile() -> None:
+    result = run(str(BIN / "ansible-lint"), "--profile", "production", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_playbook_syntax() -> None:
+    result = run(str(BIN / "ansible-playbook"), "--syntax-check", "playbooks/site.yml")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _template_variables(path: Path) -> set[str]:
+    env = jinja2.Environment(autoescape=False)  # noqa: S701 (config files, not HTML)
+    return set(jinja2.meta.find_undeclared_variables(env.parse(path.read_text())))
+
+
+def _defaults(role: str) -> set[str]:
+    return set(yaml.safe_load((ANSIBLE / "roles" / role / "defaults" / "main.yml").read_text()))
+
+
+def test_roles_render_the_repository_templates_with_every_variable_defined() -> None:
+    nginx = _template_variables(ROOT / "nginx" / "onnx-appliance.conf.j2")
+    assert nginx <= _defaults("nginx_site"), nginx - _defaults("nginx_site")
+    systemd = set().union(*(_template_variables(p) for p in (ROOT / "systemd").glob("*.j2")))
+    assert systemd <= _defaults("onnx_appliance"), systemd - _defaults("onnx_appliance")
+    tasks = "".join(p.read_text() for p in (ANSIBLE / "roles").glob("*/tasks/main.yml"))
+    assert "../../../nginx/onnx-appliance.conf.j2" in tasks
+    assert "../../../systemd/{{ item }}.j2" in tasks
+
+
+def test_no_second_copy_of_a_template() -> None:
+    for path in ANSIBLE.rglob("*"):
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            assert "ssl_protocols" not in text, path
+            assert "[Service]" not in text, path
+
+
+def test_every_public_variable_is_documented() -> None:
+    for role_dir in (ANSIBLE / "roles").iterdir():
+        readme = (role_dir / "README.md").read_text()
+        for name in _defaults(role_dir.name):
+            assert name.startswith(role_dir.name.replace("onnx_appliance", "onnx_appliance"))
+            assert f"`{name}`" in readme, (role_dir.name, name)
