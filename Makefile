@@ -8,7 +8,7 @@ CONFIG ?= packaging/appliance.dev.toml
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_LINK_MODE := copy
 
-.PHONY: run test lint typecheck format demo-models check clean bench bench-smoke dist
+.PHONY: run test lint typecheck format demo-models check clean bench bench-smoke dist test-appliance
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench: $(VENV)/.dev
 
 bench-smoke: $(VENV)/.dev
 	$(BIN)/python loadtests/bench.py --smoke
+
+# The appliance on a booted Debian 12: debootstrap, the playbook over chroot, systemd-nspawn.
+# (Also part of `make test`.)
+test-appliance: $(VENV)/.dev
+	$(BIN)/pytest -q tests/e2e/test_appliance.py
 
 # Offline install artifact for Debian 12 VMs: dist/onnx-appliance-<version>.tar.gz
 dist: $(VENV)/.dev

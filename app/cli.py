@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     reload_cmd.add_argument("--config", type=Path, help="settings file naming server.pidfile")
     reload_cmd.add_argument("--pidfile", type=Path, help="the master's pidfile")
+    reload_cmd.add_argument("--pid", type=int, help="the master's pid (systemd: $MAINPID)")
 
     keys_cmd = sub.add_parser(
         "keys",
@@ -178,7 +179,14 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def reload(args: argparse.Namespace) -> int:
-    """Ask the running master (found through its pidfile) for a graceful reload."""
+    """Ask the running master (by pid, or found through its pidfile) for a graceful reload."""
+    if args.pid is not None:
+        try:
+            os.kill(args.pid, signal.SIGHUP)
+        except OSError as exc:
+            return _fail(f"cannot signal the server (pid {args.pid}): {exc}")
+        print(f"reload requested from pid {args.pid}; the log says when the new workers are ready")
+        return 0
     pidfile = args.pidfile
     if not pidfile:
         try:

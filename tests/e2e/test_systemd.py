@@ -69,4 +69,4 @@ def test_stop_timeout_outlasts_the_graceful_timeout(rendered: Path) -> None:
     service = (rendered / "onnx-appliance.service").read_text()
     assert "TimeoutStopSec=45" in service
     assert "OOMPolicy=continue" in service
-    assert "ExecReload=/bin/kill -HUP $MAINPID" in service
+    assert "bin/onnx-appliance reload --pid $MAINPID" in service
