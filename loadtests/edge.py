@@ -76,6 +76,7 @@ def lab_tls(tmp: Path, name: str = SERVER_NAME) -> dict[str, Path]:
     (tmp / "leaf.ext").write_text(
         f"subjectAltName=DNS:{name}\nbasicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid:always\n"
     )
     openssl(
         "x509",

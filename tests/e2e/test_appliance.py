@@ -229,3 +229,21 @@ def test_booted_appliance_serves_reloads_and_guards(provisioned: tuple[Path, str
     result = json.loads(result_file.read_text())
     assert result["ok"], (result, boot.stdout[-5000:])
     assert result["burst"] == 120
+
+
+def test_a_bad_model_never_replaces_a_good_one(
+    tmp_path: Path, provisioned: tuple[Path, str]
+) -> None:
+    from tests import onnx_factory
+
+    rootfs, _ = provisioned
+    served = rootfs / "var" / "lib" / "onnx-appliance" / "models"
+    before = served.readlink()
+    bad = tmp_path / "models"
+    shutil.copytree(ROOT / "app" / "demo_models" / "tabular", bad / "tabular")
+    onnx_factory.save(onnx_factory.zipmap_classifier(), bad, "broken")  # cannot be served
+    result = _playbook(rootfs, "-e", json.dumps({"models_source": str(bad)}))
+    assert result.returncode != 0
+    assert "Check every model of the release before it can serve" in result.stdout
+    assert "zipmap=False" in result.stdout  # onnx-appliance check said why
+    assert served.readlink() == before  # still the good release

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -133,11 +135,14 @@ def test_burst_over_the_client_limit_gets_429(tmp_path: Path) -> None:
 
         with ThreadPoolExecutor(30) as pool:
             codes = Counter(pool.map(one, range(30)))
-        limited = edge.curl("/v2/models/tabular/infer", "-i", *JSON, "-d", BODY)
+        for _ in range(20):  # the bucket refills at 5/s: a quick one is refused
+            limited = edge.curl("/v2/models/tabular/infer", "-i", *JSON, "-d", BODY)
+            if " 429" in limited.stdout.splitlines()[0]:
+                break
     assert codes["429"] > 0, codes
     assert codes["200"] >= 5, codes
     assert set(codes) <= {"200", "429"}, codes  # never 503
-    assert limited.stdout.startswith("HTTP/1.1 429") or limited.stdout.startswith("HTTP/2 429")
+    assert limited.stdout.startswith("HTTP/2 429")
     assert "retry-after: 1" in limited.stdout.lower()
     assert '"RATE_LIMITED"' in limited.stdout
 
@@ -189,3 +194,23 @@ def test_a_worker_killed_mid_request_is_retried_not_502(tmp_path: Path) -> None:
 def _cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
+
+
+def test_tls_meets_mozilla_intermediate(stack: tuple[Server, Edge]) -> None:
+    _, edge = stack
+    sslyze = Path(sys.executable).with_name("sslyze")
+    result = subprocess.run(
+        [
+            str(sslyze),
+            "--mozilla_config=intermediate",
+            f"--certinfo_ca_file={edge.ca}",
+            f"appliance.test:{edge.https_port}{{127.0.0.1}}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert f"appliance.test:{edge.https_port}: OK - Compliant." in out, out[-4000:]
