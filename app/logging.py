@@ -30,9 +30,13 @@ _LEVELS = {
 }
 
 
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
+
+
 def _add_pid(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
-    # Which gunicorn worker wrote the line; read per call because workers fork.
-    event["pid"] = os.getpid()
+    # Which gunicorn worker wrote the line (kept current across fork, no syscall per line).
+    event["pid"] = _PID[0]
     return event
 
 
@@ -71,14 +75,19 @@ class BufferedLogger:
         self._interval = interval
         self._lines: collections.deque[bytes] = collections.deque()
         self._lock = threading.Lock()
-        self._pid = 0
+        self._writer = False
         atexit.register(self.flush)
+        # Threads do not survive fork, and lines the parent queued are the parent's to write.
+        os.register_at_fork(after_in_child=self._after_fork)
 
-    def _ensure_writer(self) -> None:
-        # Threads do not survive fork: each worker starts its own writer.
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            threading.Thread(target=self._run, name="log-writer", daemon=True).start()
+    def _after_fork(self) -> None:
+        self._writer = False
+        self._lines.clear()
+        self._lock = threading.Lock()
+
+    def _start_writer(self) -> None:
+        self._writer = True
+        threading.Thread(target=self._run, name="log-writer", daemon=True).start()
 
     def _run(self) -> None:
         while True:
@@ -100,8 +109,8 @@ class BufferedLogger:
     def msg(self, message: bytes) -> None:
         """Queue one rendered line."""
         self._lines.append(message + b"\n")
-        if self._pid != os.getpid():
-            self._ensure_writer()
+        if not self._writer:
+            self._start_writer()
         if len(self._lines) > 1000:
             self.flush()
 

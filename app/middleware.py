@@ -38,15 +38,15 @@ class _IdSource:
     """
 
     def __init__(self) -> None:
-        self._pid = 0
-        self._prefix = ""
+        self._reset()
+        # A new prefix in every forked worker, so workers never share one.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
         self._counter = itertools.count()
 
     def next(self) -> str:
-        if self._pid != os.getpid():  # new after fork, so workers never share a prefix
-            self._pid = os.getpid()
-            self._prefix = uuid.uuid4().hex[:16]
-            self._counter = itertools.count()
         return f"{self._prefix}{next(self._counter):016x}"
 
 

@@ -78,13 +78,20 @@ class Watchdog:
         self._lock = threading.Lock()
         self._active: dict[int, tuple[float, Any]] = {}
         self._wake = threading.Event()
-        self._pid = 0
+        self._started = False
         self._next = 0
+        # Threads do not survive fork: each worker starts its own on first use.
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._started = False
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._active.clear()
 
     def _ensure_thread(self) -> None:
-        # Threads do not survive fork: start one lazily in each worker process.
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
+        if not self._started:
+            self._started = True
             threading.Thread(target=self._loop, name="inference-watchdog", daemon=True).start()
 
     def watch(self, deadline: float, run_options: Any) -> int:
