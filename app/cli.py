@@ -170,7 +170,12 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         application = ApplianceApplication(
-            _config_path(args), _overrides(args), args.model or "", args.name or "", runtime
+            _config_path(args),
+            _overrides(args),
+            args.model or "",
+            args.name or "",
+            runtime,
+            settings,
         )
     except StartupError as exc:
         return _fail(str(exc))

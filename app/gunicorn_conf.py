@@ -247,6 +247,8 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
         model_file: Serve this single ``.onnx`` file instead of the repository.
         model_name: Name for ``model_file`` (default: the file's stem).
         runtime: Directory for readiness markers and rate-limit state.
+        settings: Settings the caller already read and validated from the same sources
+            (read here when omitted); reloads always read them afresh.
 
     Raises:
         StartupError: the settings, repository or keys cannot be served.
@@ -259,6 +261,7 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
         model_file: str = "",
         model_name: str = "",
         runtime: Path | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self.config_path = config_path
         self.overrides = overrides
@@ -266,15 +269,15 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
         self.model_name = model_name
         self.runtime = runtime or Path(tempfile.mkdtemp(prefix="onnx-appliance-"))
         (self.runtime / "ready").mkdir(parents=True, exist_ok=True)
-        self.state = self._prepare(0)
+        self.state = self._prepare(0, settings)
         self.previous = self.state
         super().__init__()
 
-    def _prepare(self, generation: int) -> ServingState:
+    def _prepare(self, generation: int, settings: Settings | None = None) -> ServingState:
         from app.wsgi import build_repository
 
         try:
-            settings = load_settings(
+            settings = settings or load_settings(
                 self.config_path, overrides=self.overrides, check_repository=not self.model_file
             )
             repository = build_repository(settings, None, self.model_file, self.model_name)
