@@ -8,7 +8,7 @@ CONFIG ?= packaging/appliance.dev.toml
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_LINK_MODE := copy
 
-.PHONY: run test lint typecheck format demo-models check clean bench bench-smoke dist test-appliance
+.PHONY: run test lint typecheck format demo-models check clean bench bench-smoke dist test-appliance loadtest
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ demo-models: $(VENV)/.dev
 # The appliance side by side with FastAPI, MLServer, BentoML and the bare floor (~30 min).
 bench: $(VENV)/.dev
 	$(BIN)/python loadtests/bench.py $(BENCH_ARGS)
+
+# Locust scenarios through NGINX+TLS against loadtests/slo.toml (~2.5 min); fails on a missed SLO.
+# LOADTEST_ARGS="--host https://name --ca ca.pem" targets a running deployment instead.
+loadtest: $(VENV)/.dev
+	$(BIN)/python loadtests/loadtest.py $(LOADTEST_ARGS)
 
 bench-smoke: $(VENV)/.dev
 	$(BIN)/python loadtests/bench.py --smoke
