@@ -389,7 +389,6 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
                 nginx_site_rate_limit=1_000_000,
                 nginx_site_rate_burst=1_000_000,
                 nginx_site_conn_limit=10_000,
-                nginx_site_upstream_keepalive=64,
                 nginx_site_access_log=edge_dir / "access.log",
             )
         )

@@ -21,6 +21,15 @@ import pytest
 from tests.conftest import DEMO_MODELS
 
 CLI = str(Path(sys.executable).with_name("onnx-appliance"))
+# One line per fault drill (requests sent, succeeded, failed), printed after the run.
+DRILL_REPORTS: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if DRILL_REPORTS:
+        terminalreporter.section("fault drills under load")
+        for line in DRILL_REPORTS:
+            terminalreporter.write_line(line)
 
 
 def free_port() -> int:
