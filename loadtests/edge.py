@@ -177,6 +177,7 @@ def run_edge(tmp: Path, socket_path: str, **overrides: Any) -> Iterator[Edge]:
         "nginx_site_rate_burst": 2000,
         "nginx_site_conn_limit": 200,
         "nginx_site_metrics_allow": ["127.0.0.1"],
+        "nginx_site_trusted_proxies": [],
         "nginx_site_upstream_socket": socket_path,
         "nginx_site_upstream_keepalive": 8,
         "nginx_site_upstream_timeout": 60,

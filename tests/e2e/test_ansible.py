@@ -48,10 +48,13 @@ def _defaults(role: str) -> set[str]:
 def test_roles_render_the_repository_templates_with_every_variable_defined() -> None:
     nginx = _template_variables(ROOT / "nginx" / "onnx-appliance.conf.j2")
     assert nginx <= _defaults("nginx_site"), nginx - _defaults("nginx_site")
+    lb = _template_variables(ROOT / "nginx" / "onnx-appliance-lb.conf.j2")
+    assert lb <= _defaults("nginx_lb"), lb - _defaults("nginx_lb")
     systemd = set().union(*(_template_variables(p) for p in (ROOT / "systemd").glob("*.j2")))
     assert systemd <= _defaults("onnx_appliance"), systemd - _defaults("onnx_appliance")
     tasks = "".join(p.read_text() for p in (ANSIBLE / "roles").glob("*/tasks/main.yml"))
     assert "../../../nginx/onnx-appliance.conf.j2" in tasks
+    assert "../../../nginx/onnx-appliance-lb.conf.j2" in tasks
     assert "../../../systemd/{{ item }}.j2" in tasks
 
 
