@@ -394,10 +394,15 @@ def test_abrupt_host_stop_costs_at_most_the_requests_in_flight(lab: Lab) -> None
     result: Report = run["report"]
     in_flight = result.in_flight(killed_at)
     late = result.between(killed_at)
+    first = min(r.start for r in result.records)
+    last = max(r.start for r in result.records)
     DRILL_REPORTS.append(
         f"appliance host stopped abruptly: {result.summary()}; {in_flight} in flight at the "
         f"stop, {late.failed} failed of {late.sent} sent after it; "
-        f"p99 after {late.percentile(99) * 1000:.0f} ms"
+        f"{result.between(first, killed_at).sent / (killed_at - first):.0f} req/s on two hosts, "
+        f"{result.between(killed_at + 2).sent / (last - killed_at - 2):.0f} req/s on one; "
+        f"p99 {result.between(first, killed_at).percentile(99) * 1000:.0f} ms before, "
+        f"{late.percentile(99) * 1000:.0f} ms after"
     )
     assert result.sent > 100
     assert result.failed <= in_flight, result.failures()[:5]
