@@ -13,16 +13,17 @@ from tests.conftest import ROOT
 
 SLO = """
 [defaults]
-run_time = "3s"
+run_time = "4s"
 user_rate = 10.0
 max_error_ratio = 0.0
 
 [scenario.canary]
 user_class = "Canary"
-users = 5
+users = 10
+user_rate = 25.0
 p95_ms = 200
 p99_ms = 500
-min_rps = 30
+min_rps = 60
 canary_version = "1"
 canary_share = 0.10
 canary_tolerance = 0.06
@@ -99,7 +100,7 @@ def test_headless_run_reports_and_fails_on_a_missed_slo(tmp_path: Path) -> None:
     assert "loadtest FAIL: 1/2 scenarios" in run.stdout
     summary = json.loads((out / "summary.json").read_text())
     canary = summary["scenarios"]["canary"]
-    assert canary["passed"] and canary["failed"] == 0 and canary["sent"] > 50
+    assert canary["passed"] and canary["failed"] == 0 and canary["sent"] > 200
     assert 0.04 <= canary["canary_share"] <= 0.16
     for name in ("canary", "impossible"):
         assert (out / f"{name}_stats.csv").stat().st_size > 0
