@@ -182,6 +182,24 @@ class Lab:
             "--resolve", f"{NAME}:443:{HOSTS['lb-1']}", *args, f"https://{NAME}{path}",
         )  # fmt: skip
 
+    def capacity(self, name: str) -> dict[str, Any]:
+        """Locust (loadtests/loadtest.py) from the workstation at the service's name: 48 users
+        offering far more than the lab can serve for 10 s, so what it serves is its capacity."""
+        slo = self.tmp / "capacity.toml"
+        slo.write_text(
+            '[scenario.capacity]\nuser_class = "TabularSingle"\nusers = 48\nuser_rate = 100.0\n'
+            'run_time = "10s"\np95_ms = 5000\np99_ms = 10000\nmax_error_ratio = 0.0\n'
+            "min_rps = 50\n"
+        )
+        out = self.tmp / name
+        run = self.in_control(
+            sys.executable, str(ROOT / "loadtests" / "loadtest.py"), "--host", f"https://{NAME}",
+            "--ca", str(self.tls["ca"]), "--slo", str(slo), "--out", str(out), timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        result: dict[str, Any] = json.loads((out / "summary.json").read_text())
+        return result["scenarios"]["capacity"]
+
     def lb_log(self) -> list[dict[str, Any]]:
         path = self.hosts["lb-1"].root / "var/log/nginx/onnx-appliance-lb.access.log"
         return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
@@ -315,6 +333,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         )
     )
     lab = Lab(tmp, hosts, names["control"], key, tls, artifact, inventory)
+    # `ip netns exec` binds /etc/netns/<ns>/hosts over /etc/hosts: the service's name resolves
+    # to the load balancer inside the workstation namespace only (Locust needs a name).
+    netns_etc = Path("/etc/netns") / names["control"]
+    netns_etc.mkdir(parents=True, exist_ok=True)
+    (netns_etc / "hosts").write_text(f"127.0.0.1 localhost\n{HOSTS['lb-1']} {NAME}\n")
     try:
         for host in hosts.values():
             host.root.parent.mkdir(exist_ok=True)
@@ -328,11 +351,30 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             _stop(host)
         for ns in [*names.values(), bridge]:
             sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(netns_etc, ignore_errors=True)
         shutil.rmtree(tmp / "hosts", ignore_errors=True)
 
 
+def _server(line: dict[str, Any]) -> str:
+    """The appliance that answered (the last one tried, when the balancer retried)."""
+    return str(line["upstream_addr"]).split(",")[-1].strip().split(":")[0]
+
+
 def _served_by(lines: list[dict[str, Any]]) -> set[str]:
-    return {x["upstream_addr"].split(":")[0] for x in lines if x.get("upstream_status") == "200"}
+    return {_server(x) for x in lines if str(x.get("upstream_status", "")).endswith("200")}
+
+
+def _longest_absence(lines: list[dict[str, Any]], address: str) -> int:
+    """Most consecutive logged seconds in which others served and ``address`` served nothing."""
+    seconds: dict[str, set[str]] = {}
+    for x in lines:
+        if str(x.get("upstream_status", "")).endswith("200"):
+            seconds.setdefault(x["time"], set()).add(_server(x))
+    best = run = 0
+    for second in sorted(seconds):
+        run = run + 1 if address not in seconds[second] else 0
+        best = max(best, run)
+    return best
 
 
 def test_inventory_provisions_a_balanced_service(lab: Lab) -> None:
@@ -354,6 +396,18 @@ def test_inventory_provisions_a_balanced_service(lab: Lab) -> None:
     assert metrics.stdout == "403"  # scraped on each appliance, not through the balancer
 
 
+def test_capacity_through_the_load_balancer(lab: Lab) -> None:
+    before = len(lab.lb_log())
+    both = lab.capacity("capacity-two-hosts")
+    DRILL_REPORTS.append(
+        f"capacity through the LB, two appliances (Locust, 48 users): {both['rps']:.0f} req/s, "
+        f"p99 {both['p99_ms']:g} ms, {both['failed']} failed of {both['sent']}"
+    )
+    assert both["passed"] and both["failed"] == 0
+    time.sleep(0.5)
+    assert _served_by(lab.lb_log()[before:]) == {HOSTS["appliance-1"], HOSTS["appliance-2"]}
+
+
 def test_rolling_update_under_load_loses_nothing(lab: Lab, tmp_path: Path) -> None:
     models = tmp_path / "models"
     shutil.copytree(ROOT / "app" / "demo_models", models)
@@ -361,6 +415,7 @@ def test_rolling_update_under_load_loses_nothing(lab: Lab, tmp_path: Path) -> No
     (models / "tabular" / "model.toml").write_text(
         'default_version = 3\nlabels = ["malignant", "benign"]\n'
     )
+    logged = len(lab.lb_log())
     with lab.traffic("rolling") as run:
         rolled = lab.playbook(models_source=str(models))
         done = time.monotonic()
@@ -372,10 +427,14 @@ def test_rolling_update_under_load_loses_nothing(lab: Lab, tmp_path: Path) -> No
     )
     assert len(drains) == 4 and all("changed:" in d for d in drains), drains  # out and back x2
     after = result.between(done)
+    # Each appliance was out of the balancer's rotation for a stretch while the other served.
+    drained = {h: _longest_absence(lab.lb_log()[logged:], HOSTS[h]) for h in HOSTS if h != "lb-1"}
     DRILL_REPORTS.append(
         f"rolling update of 2 appliances behind the LB: {result.summary()}; "
-        f"{after.sent} after it, versions {sorted({r.version for r in after.records})}"
+        f"{after.sent} after it, versions {sorted({r.version for r in after.records})}; "
+        f"seconds each host was drained: {drained}"
     )
+    assert all(seconds >= 3 for seconds in drained.values()), drained
     assert result.sent > 100
     assert result.failed == 0, result.failures()[:5]
     assert {r.version for r in result.records[:10]} == {"2"}
@@ -410,3 +469,12 @@ def test_abrupt_host_stop_costs_at_most_the_requests_in_flight(lab: Lab) -> None
     assert late.succeeded > 20
     time.sleep(0.5)
     assert _served_by(lab.lb_log()[-20:]) == {HOSTS["appliance-1"]}
+
+
+def test_capacity_with_one_host_left(lab: Lab) -> None:
+    one = lab.capacity("capacity-one-host")
+    DRILL_REPORTS.append(
+        f"capacity through the LB, one appliance left (Locust, 48 users): {one['rps']:.0f} "
+        f"req/s, p99 {one['p99_ms']:g} ms, {one['failed']} failed of {one['sent']}"
+    )
+    assert one["passed"] and one["failed"] == 0
