@@ -86,6 +86,33 @@ class Server:
         return int(self.process.returncode)
 
 
+def children(pid: int) -> list[int]:
+    """The pids of a process's children (a gunicorn master's workers, nspawn's PID 1)."""
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def wait_for_event(server: Server, event: str, count: int = 1, timeout: float = 60) -> None:
+    """Wait until the server has logged ``event`` at least ``count`` times."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(1 for x in server.log_lines() if x.get("event") == event) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {count}x {event} in {timeout}s:\n{server.log_path.read_text()}")
+
+
+def add_key(path: Path, key_id: str, *extra: str) -> str:
+    """Add an API key to the keys file with the CLI; returns the key."""
+    result = subprocess.run(
+        [CLI, "keys", "--file", str(path), "add", key_id, *extra],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
 def wait_ready(server: Server, timeout: float = 90) -> float:
     """Poll readiness over TCP; return the time of the first 200."""
     deadline = time.monotonic() + timeout

@@ -25,8 +25,14 @@ from loadtests.edge import Edge, run_edge
 from loadtests.traffic import Report, Traffic
 from tests import onnx_factory
 from tests.conftest import DEMO_MODELS, ROOT
-from tests.e2e.conftest import DRILL_REPORTS, Server, run_server
-from tests.e2e.test_guardrails import add_key, wait_for_event
+from tests.e2e.conftest import (
+    DRILL_REPORTS,
+    Server,
+    add_key,
+    children,
+    run_server,
+    wait_for_event,
+)
 
 NAME = "localhost"
 ROW = [0.5] * 30
@@ -56,15 +62,10 @@ def report(drill: str, result: Report, extra: str = "") -> None:
     DRILL_REPORTS.append(f"{drill}: {result.summary()}{'; ' + extra if extra else ''}")
 
 
-def workers(app: Server) -> list[int]:
-    children = Path(f"/proc/{app.process.pid}/task/{app.process.pid}/children")
-    return [int(p) for p in children.read_text().split()]
-
-
 def wait_workers(app: Server, count: int, exclude: set[int], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(set(workers(app)) - exclude) >= count:
+        if len(set(children(app.process.pid)) - exclude) >= count:
             return
         time.sleep(0.05)
     raise AssertionError(f"workers not replaced:\n{app.log_path.read_text()[-3000:]}")
@@ -75,7 +76,7 @@ def test_sigkill_a_worker_three_times_loses_nothing(tmp_path: Path) -> None:
         time.sleep(1)
         killed: set[int] = set()
         for _ in range(3):
-            victim = workers(app)[0]
+            victim = children(app.process.pid)[0]
             os.kill(victim, signal.SIGKILL)
             killed.add(victim)
             wait_workers(app, 2, killed)

@@ -20,29 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import onnx_factory
 from tests.conftest import DEMO_MODELS
-from tests.e2e.conftest import CLI, Server, run_server
+from tests.e2e.conftest import CLI, Server, add_key, run_server, wait_for_event
 
 GOOD = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}
-
-
-def wait_for_event(server: Server, event: str, count: int = 1, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if sum(1 for x in server.log_lines() if x.get("event") == event) >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no {count}x {event} in {timeout}s:\n{server.log_path.read_text()}")
-
-
-def add_key(path: Path, key_id: str, *extra: str) -> str:
-    result = subprocess.run(
-        [CLI, "keys", "--file", str(path), "add", key_id, *extra],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    return result.stdout.strip()
 
 
 class Load:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from loadtests.edge import Edge, run_edge
-from tests.e2e.conftest import Server, run_server
+from tests.e2e.conftest import Server, children, run_server
 
 BODY = json.dumps(
     {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}
@@ -183,8 +183,7 @@ def test_a_worker_killed_mid_request_is_retried_not_502(tmp_path: Path) -> None:
         thread = threading.Thread(target=call)
         thread.start()
         time.sleep(0.4)  # the request is now running in one of the workers
-        children = Path(f"/proc/{app.process.pid}/task/{app.process.pid}/children")
-        busy = [int(p) for p in children.read_text().split() if _cpu_ticks(int(p)) > 0]
+        busy = [p for p in children(app.process.pid) if _cpu_ticks(p) > 0]
         victim = max(busy, key=_cpu_ticks)
         os.kill(victim, signal.SIGKILL)
         thread.join(60)

@@ -18,7 +18,7 @@ import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import DEMO_MODELS
-from tests.e2e.conftest import Server, UnixHTTPConnection, run_server
+from tests.e2e.conftest import Server, UnixHTTPConnection, children, run_server
 
 RNG = np.random.default_rng(7)
 
@@ -346,8 +346,7 @@ def test_single_model_file_with_affinity_and_control_socket(tmp_path: Path) -> N
         while not control.is_socket() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert control.is_socket(), srv.log_path.read_text()
-        children = Path(f"/proc/{srv.process.pid}/task/{srv.process.pid}/children")
-        pids = [int(p) for p in children.read_text().split()]
+        pids = children(srv.process.pid)
         import os
 
         affinities = [os.sched_getaffinity(pid) for pid in pids]
