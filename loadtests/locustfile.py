@@ -67,8 +67,15 @@ class ApplianceUser(FastHttpUser):
         if key := os.environ.get("LOADTEST_API_KEY"):
             self.headers["X-API-Key"] = key
 
-    def infer(self, model: str, inputs: list[dict[str, Any]], rows: int, name: str) -> None:
-        """One OIP v2 inference; fails unless every output has ``rows`` rows."""
+    def infer(
+        self, model: str, inputs: list[dict[str, Any]], rows: int, name: str
+    ) -> dict[str, Any] | None:
+        """One OIP v2 inference; fails unless every output has ``rows`` rows and the answer
+        names the version that served it.
+
+        Returns:
+            The answer, or None when it counted as a failure.
+        """
         body = json.dumps({"inputs": inputs})
         with self.client.post(
             f"/v2/models/{model}/infer",
@@ -79,10 +86,16 @@ class ApplianceUser(FastHttpUser):
         ) as response:
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {(response.text or '')[:200]}")
-                return
-            outputs = response.json().get("outputs") or []
+                return None
+            answer: dict[str, Any] = response.json()
+            outputs = answer.get("outputs") or []
             if not outputs or any(o["shape"][0] != rows for o in outputs):
                 response.failure(f"unexpected outputs: {str(outputs)[:200]}")
+                return None
+            if not answer.get("model_version"):
+                response.failure("no model_version in the response")
+                return None
+            return answer
 
 
 class TabularSingle(ApplianceUser):
@@ -156,22 +169,10 @@ class Canary(ApplianceUser):
 
     @task
     def predict(self) -> None:
-        body = json.dumps({"inputs": [_tensor("input", [_rng.choice(TABULAR_ROWS)])]})
-        with self.client.post(
-            "/v2/models/tabular/infer",
-            data=body,
-            headers=self.headers,
-            name="canary tabular",
-            catch_response=True,
-        ) as response:
-            if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {(response.text or '')[:200]}")
-                return
-            version = response.json().get("model_version")
-            if not version:
-                response.failure("no model_version in the response")
-                return
-            VERSIONS[str(version)] += 1
+        row = _rng.choice(TABULAR_ROWS)
+        answer = self.infer("tabular", [_tensor("input", [row])], 1, "canary tabular")
+        if answer is not None:
+            VERSIONS[str(answer["model_version"])] += 1
 
 
 @events.test_stop.add_listener
