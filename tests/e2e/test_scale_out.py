@@ -36,7 +36,7 @@ import pytest
 from loadtests.edge import lab_tls
 from loadtests.traffic import Report
 from tests.conftest import ROOT
-from tests.e2e.conftest import DRILL_REPORTS
+from tests.e2e.conftest import DRILL_REPORTS, children
 from tests.e2e.test_appliance import CACHE_ROOT, _base_rootfs, dist
 
 BIN = Path(sys.executable).parent
@@ -45,6 +45,8 @@ NET = "10.231.0"
 NAME = "appliance.test"
 HOSTS = {"lb-1": f"{NET}.10", "appliance-1": f"{NET}.11", "appliance-2": f"{NET}.12"}
 CONTROL = f"{NET}.100"
+# Lab hosts get fresh host keys at every run: nothing to remember them by.
+SSH_OPTIONS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
 BODY = json.dumps(
     {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}
 )
@@ -101,8 +103,7 @@ class Host:
     def init_pid(self) -> int:
         """The container's PID 1 as the host sees it (nspawn's child)."""
         assert self.process is not None
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return int(children.read_text().split()[0])
+        return children(self.process.pid)[0]
 
 
 @dataclass
@@ -118,7 +119,7 @@ class Lab:
     def in_control(self, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", self.control, *cmd, timeout=timeout, check=False)
 
-    def playbook(self, **extra: Any) -> subprocess.CompletedProcess[str]:
+    def playbook(self, *args: str, **extra: Any) -> subprocess.CompletedProcess[str]:
         variables = {
             "onnx_appliance_artifact": str(self.artifact),
             "onnx_appliance_workers": 1,
@@ -153,24 +154,24 @@ class Lab:
             [
                 "ip", "netns", "exec", self.control, *env,
                 str(BIN / "ansible-playbook"), "-i", str(self.inventory), "playbooks/site.yml",
-                "-e", json.dumps(variables),
+                "-e", json.dumps(variables), *args,
             ],
             cwd=ROOT / "ansible", capture_output=True, text=True, timeout=1200, check=False,
         )  # fmt: skip
 
-    def ssh(self, host: str, command: str) -> str:
-        result = self.in_control(
+    def ssh(self, host: str, command: str) -> subprocess.CompletedProcess[str]:
+        return self.in_control(
             "ssh", "-i", str(self.key), "-o", "BatchMode=yes", "-o", "ConnectTimeout=2",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            f"root@{HOSTS[host]}", command, timeout=120,
+            *SSH_OPTIONS, f"root@{HOSTS[host]}", command, timeout=120,
         )  # fmt: skip
-        return result.stdout + result.stderr
 
     def diagnose(self, run: subprocess.CompletedProcess[str]) -> str:
         """The play's tail and each appliance's journal, for a failure message."""
         journals = "".join(
             f"\n--- {h} ---\n"
-            + self.ssh(h, "journalctl -u onnx-appliance -u nginx -n 30 --no-pager -o cat; ss -ltn")
+            + self.ssh(
+                h, "journalctl -u onnx-appliance -u nginx -n 30 --no-pager -o cat; ss -ltn"
+            ).stdout
             for h in HOSTS
             if h.startswith("appliance")
         )
@@ -273,13 +274,8 @@ def _boot(host: Host, pubkey: str, log: Path) -> None:
 def _wait_ssh(lab: Lab, host: Host, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        result = lab.in_control(
-            "ssh", "-i", str(lab.key), "-o", "BatchMode=yes", "-o", "ConnectTimeout=2",
-            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            f"root@{host.address}", "systemctl is-system-running --wait >/dev/null; true",
-            timeout=120,
-        )  # fmt: skip
-        if result.returncode == 0:
+        booted = lab.ssh(host.name, "systemctl is-system-running --wait >/dev/null; true")
+        if booted.returncode == 0:
             return
         time.sleep(1)
     raise AssertionError(f"{host.name}: no ssh in {timeout}s")
@@ -316,7 +312,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     common = {
         "ansible_user": "root",
         "ansible_ssh_private_key_file": str(key),
-        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+        "ansible_ssh_common_args": " ".join(SSH_OPTIONS),
         "ansible_python_interpreter": "/usr/bin/python3",
     }
 
@@ -440,6 +436,28 @@ def test_rolling_update_under_load_loses_nothing(lab: Lab, tmp_path: Path) -> No
     assert {r.version for r in result.records[:10]} == {"2"}
     assert after.sent > 20 and {r.version for r in after.records} == {"3"}
     assert _served_by(lab.lb_log()[-50:]) == {HOSTS["appliance-1"], HOSTS["appliance-2"]}
+
+
+def _lb_line(lab: Lab, host: str) -> str:
+    site = lab.hosts["lb-1"].root / "etc/nginx/sites-available/onnx-appliance-lb.conf"
+    return next(x for x in site.read_text().splitlines() if x.endswith(f"# {host}"))
+
+
+def test_a_host_the_operator_drained_stays_out_through_a_rolling_update(lab: Lab) -> None:
+    kept_out = lab.playbook(
+        "--limit", "lb-1,appliance-2", nginx_lb_drained=["appliance-2"]
+    )  # fmt: skip
+    assert kept_out.returncode == 0, lab.diagnose(kept_out)
+    assert " down;" in _lb_line(lab, "appliance-2")
+    assert " down;" not in _lb_line(lab, "appliance-1")
+    before = len(lab.lb_log())
+    for _ in range(10):
+        assert lab.curl("/v2/health/ready", "-o", "/dev/null", "-w", "%{http_code}").stdout == "200"
+    time.sleep(0.5)
+    assert _served_by(lab.lb_log()[before:]) == {HOSTS["appliance-1"]}
+    back = lab.playbook("--limit", "lb-1")  # the load balancer alone: every host in again
+    assert back.returncode == 0, lab.diagnose(back)
+    assert " down;" not in _lb_line(lab, "appliance-2")
 
 
 def test_abrupt_host_stop_costs_at_most_the_requests_in_flight(lab: Lab) -> None:
