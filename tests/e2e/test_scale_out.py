@@ -388,8 +388,16 @@ def test_inventory_provisions_a_balanced_service(lab: Lab) -> None:
         assert json.loads(answer.stdout)["model_name"] == "tabular", answer.stdout + answer.stderr
     time.sleep(0.5)
     assert _served_by(lab.lb_log()[before:]) == {HOSTS["appliance-1"], HOSTS["appliance-2"]}
-    metrics = lab.curl("/metrics", "-o", "/dev/null", "-w", "%{http_code}")
-    assert metrics.stdout == "403"  # scraped on each appliance, not through the balancer
+    # Scraped on each appliance, not through the balancer; refused in the JSON error shape.
+    metrics = lab.curl("/metrics", "-w", "\n%{http_code}")
+    body, status = metrics.stdout.rsplit("\n", 1)
+    assert status == "403"
+    assert json.loads(body)["error_code"] == "FORBIDDEN"
+    # A malformed request passes through to an appliance and gets its JSON 400.
+    bad = lab.curl("/v2/models/tabular/infer", "-H", "Content-Type: application/json",
+                   "-d", "{not json", "-w", "\n%{http_code}")  # fmt: skip
+    body, status = bad.stdout.rsplit("\n", 1)
+    assert status == "400" and json.loads(body)["error_code"] == "INVALID_INPUT", bad.stdout
 
 
 def test_capacity_through_the_load_balancer(lab: Lab) -> None:
