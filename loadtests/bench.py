@@ -152,6 +152,7 @@ class Config:
 CONFIGS = [
     Config("floor", exact=False),
     Config("fastapi", peer="fastapi"),
+    Config("fastapi-tuned", peer="fastapi"),
     Config("mlserver", models={"tabular"}, peer="mlserver"),
     Config("bentoml", peer="bentoml", envelope="bentoml"),
     Config("appliance"),
@@ -313,7 +314,9 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
             "--no-control-socket",
             "bare_falcon:app",
         ]
-    elif config.name == "fastapi":
+    elif config.peer == "fastapi":
+        if config.name == "fastapi-tuned":
+            env["BENCH_INTRA_OP_THREADS"] = "1"
         cmd = [
             str(peer_bin / "uvicorn"),
             "fastapi_app:app",

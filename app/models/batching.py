@@ -1,11 +1,20 @@
-"""Dynamic micro-batching: one batcher thread per model version, inside one worker.
+"""Dynamic micro-batching inside one worker, one batch at a time per model version.
 
-Request threads validate their inputs, then enqueue them. The batcher takes the oldest
+Request threads validate their inputs, then enqueue them. There is no batcher thread of its
+own: the request thread that finds the model idle becomes the *leader*. It takes the oldest
 request, gathers more that are compatible (same non-batch shapes, dtypes and requested
-outputs) until the batch is full, a preferred size is reached with nobody else waiting, or the
-queue delay runs out; it concatenates them along dimension 0, runs the session once and hands
-every caller exactly its own rows. If a merged run fails, each request is run on its own so one
-bad request never fails its batch-mates.
+outputs) until the batch is full, a preferred size is reached with nobody else waiting, or
+the queue delay runs out; it concatenates them along dimension 0, runs the session once and
+hands every caller exactly its own rows. Requests that arrive during a run wait in the queue
+and form the next batch; once the leader's own request is answered, it hands the lead to the
+thread of the oldest waiting request, which is woken for its answer anyway.
+
+Why not a dedicated batcher thread: waking it and then waking the caller costs two thread
+switches per batch, which in CPython cost more than a small model's whole run (measured at
+one caller: 5.3k vs 11.9k runs/s). A lone request here runs at once in its own thread.
+
+If a merged run fails, each request is run on its own so one bad request never fails its
+batch-mates.
 """
 
 from __future__ import annotations
@@ -17,8 +26,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import structlog
 
-from app.models.errors import InferenceTimeout, Overloaded, ServingError
+from app.models.errors import InferenceFailed, InferenceTimeout, Overloaded, ServingError
+
+log = structlog.get_logger(__name__)
 
 #: Runs a (possibly merged) feed: (output names, inputs, deadline) -> outputs in order.
 RunFn = Callable[[list[str], Mapping[str, np.ndarray], float | None], list[np.ndarray]]
@@ -51,10 +63,12 @@ class _Request:
     rows: int
     key: tuple[object, ...]
     enqueued: float = field(default_factory=time.monotonic)
-    done: threading.Event = field(default_factory=threading.Event)
+    #: Set when the request is answered, or when its thread is given the lead.
+    wake: threading.Event = field(default_factory=threading.Event)
+    answered: bool = False
+    lead: bool = False
     result: list[np.ndarray] | None = None
     error: ServingError | None = None
-    abandoned: bool = False
 
 
 class Batcher:
@@ -76,15 +90,8 @@ class Batcher:
         self._report = report
         self._queue: collections.deque[_Request] = collections.deque()
         self._cond = threading.Condition(threading.Lock())
-        self._thread: threading.Thread | None = None
+        self._leading = False  # a thread is collecting or running a batch
         self._preferred = frozenset(options.preferred_batch_sizes)
-
-    def start(self) -> None:
-        """Start the batcher thread (in the worker, after fork)."""
-        self._thread = threading.Thread(
-            target=self._loop, name=f"batcher-{self.label}", daemon=True
-        )
-        self._thread.start()
 
     def submit(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], deadline: float | None
@@ -108,36 +115,66 @@ class Batcher:
                     f"model {self.label} has {len(self._queue)} requests queued; retry later"
                 )
             self._queue.append(request)
-            self._cond.notify()
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not request.done.wait(timeout):
+            lead = not self._leading
+            if lead:
+                self._leading = True
+            else:
+                self._cond.notify()  # a leader may be waiting for company
+        while not request.answered:
+            if lead:
+                self._lead(request)
+                lead = False
+                continue
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            request.wake.wait(timeout)
             with self._cond:
-                request.abandoned = True  # the batcher skips it if it has not started
-            # A run already under way may still finish within a moment; give it that.
-            if not request.done.wait(0.005):
+                request.wake.clear()
+                if request.answered:
+                    break
+                if request.lead:
+                    request.lead, lead = False, True
+                    continue
+                if deadline is None or time.monotonic() < deadline:
+                    continue
+                queued = request in self._queue
+                if queued:
+                    self._queue.remove(request)
+            # Past its deadline: a queued request never runs; one in a running batch is
+            # given a moment to finish.
+            if queued or not (request.wake.wait(0.005) and request.answered):
                 raise InferenceTimeout(
                     f"model {self.label}: the request's deadline passed "
                     "while it waited for its batch"
                 )
         if request.error is not None:
             raise request.error
-        if request.result is None:  # done without an answer: only if the run was lost
+        if request.result is None:  # answered without a result: only if the run was lost
             raise InferenceTimeout(f"model {self.label}: the batch produced no answer")
         return request.result
 
-    # -- batcher thread ------------------------------------------------------------------
+    # -- the leader ------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while True:
-            batch = self._collect()
-            if batch:
-                self._execute(batch)
+    def _lead(self, own: _Request) -> None:
+        """Run batches until ``own`` is answered, then pass the lead on (or give it up)."""
+        try:
+            while not own.answered:
+                batch = self._collect()
+                if batch:
+                    self._execute(batch)
+        finally:
+            with self._cond:
+                if self._queue:
+                    successor = self._queue[0]
+                    successor.lead = True
+                    successor.wake.set()
+                else:
+                    self._leading = False
 
     def _collect(self) -> list[_Request]:
         opts = self.options
         with self._cond:
-            while not self._queue:
-                self._cond.wait()
+            if not self._queue:
+                return []
             head = self._queue.popleft()
             batch, rows = [head], head.rows
             close_at = head.enqueued + opts.max_queue_delay
@@ -162,15 +199,29 @@ class Batcher:
                 return request
         return None
 
+    def _answer(self, request: _Request) -> None:
+        request.answered = True
+        request.wake.set()
+
     def _execute(self, batch: list[_Request]) -> None:
+        try:
+            self._execute_batch(batch)
+        except Exception as exc:  # a bug must fail these requests, not hang them
+            log.error("batch_failed", model=self.label, error=repr(exc))
+            for request in batch:
+                if not request.answered:
+                    request.error = InferenceFailed(f"model {self.label}: the batch failed")
+                    self._answer(request)
+
+    def _execute_batch(self, batch: list[_Request]) -> None:
         now = time.monotonic()
         live = []
         for request in batch:
-            if request.abandoned or (request.deadline is not None and request.deadline <= now):
+            if request.deadline is not None and request.deadline <= now:
                 request.error = InferenceTimeout(
                     f"model {self.label} could not start before the request's deadline"
                 )
-                request.done.set()
+                self._answer(request)
             else:
                 live.append(request)
         if not live:
@@ -195,11 +246,11 @@ class Batcher:
         for request in live:
             request.result = [out[offset : offset + request.rows] for out in results]
             offset += request.rows
-            request.done.set()
+            self._answer(request)
 
     def _run_alone(self, request: _Request) -> None:
         try:
             request.result = self._run(request.outputs, request.inputs, request.deadline)
         except ServingError as exc:
             request.error = exc
-        request.done.set()
+        self._answer(request)

@@ -150,7 +150,6 @@ class OnnxModel:
                 f"output; {', '.join(repr(n) for n in unbatched)} has none"
             )
         self.batcher = Batcher(self.label, options, self._run, self._report_batch)
-        self.batcher.start()
 
     def _report_batch(self, rows: int, waits: list[float]) -> None:
         if self.observer is not None:

@@ -1,8 +1,12 @@
 """The FastAPI peer, written the way the usual tutorials do it.
 
-A pydantic request model, the onnxruntime session created once at start-up, a plain ``def``
-handler (run in FastAPI's thread pool), default JSON. Served by ``uvicorn --workers N``.
-The model file comes from ``$BENCH_MODEL_DIR/<name>/1/model.onnx``.
+A pydantic request model, the onnxruntime session created once at start-up with default
+options, a plain ``def`` handler (run in FastAPI's thread pool), default JSON. Served by
+``uvicorn --workers N``. The model file comes from ``$BENCH_MODEL_DIR/<name>/1/model.onnx``.
+
+``BENCH_INTRA_OP_THREADS`` set gives the sessions that many intra-op threads: the one tuning
+that the tutorials leave out and that matters most when several workers share the cores
+(the ``fastapi-tuned`` configuration of the benchmark).
 """
 
 import os
@@ -34,7 +38,8 @@ class InferRequest(BaseModel):
 @app.on_event("startup")
 def load_models() -> None:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    if os.environ.get("BENCH_INTRA_OP_THREADS"):
+        options.intra_op_num_threads = int(os.environ["BENCH_INTRA_OP_THREADS"])
     for name in os.listdir(MODEL_DIR):
         path = os.path.join(MODEL_DIR, name, "1", "model.onnx")
         if os.path.exists(path):

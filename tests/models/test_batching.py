@@ -156,3 +156,24 @@ def test_batching_needs_a_dynamic_batch_dimension(tmp_path: Path) -> None:
     path = onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "fixed")
     with pytest.raises(RepositoryError, match="dynamic first dimension"):
         batching_model(path)
+
+
+def test_a_lone_request_runs_in_its_own_thread_and_the_lead_is_given_up() -> None:
+    model = batching_model(MLP, max_queue_delay=0.0)
+    batcher = model.batcher
+    assert batcher is not None
+    real_run = batcher._run
+    threads: list[str] = []
+
+    def spy(names: list[str], inputs: Any, deadline: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_run(names, inputs, deadline)
+
+    batcher._run = spy
+    x = {"input": np.ones((1, 256), np.float32)}
+    burst(model, [x] * 12)  # a burst passes the lead around...
+    threads.clear()
+    caller = threading.Thread(target=model.predict, args=(x,), name="lone-caller")
+    caller.start()
+    caller.join(10)
+    assert threads == ["lone-caller"]  # ...and afterwards nobody holds it
