@@ -7,6 +7,9 @@ BIN    := $(VENV)/bin
 CONFIG ?= packaging/appliance.dev.toml
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_LINK_MODE := copy
+# Bytecode compiled at install (as pip does for the deployed artifact): otherwise every start
+# compiles the sources again where PYTHONDONTWRITEBYTECODE is set.
+export UV_COMPILE_BYTECODE := 1
 
 .PHONY: run test lint typecheck format demo-models check clean bench bench-smoke dist test-appliance loadtest
 

@@ -184,7 +184,7 @@ def ensure_peer(config: Config) -> None:
         return
     venv = CACHE / config.peer
     stamp = venv / ".installed"
-    wanted = "\n".join(PEER_REQUIREMENTS[config.peer])
+    wanted = "\n".join(["compiled", *PEER_REQUIREMENTS[config.peer]])
     if stamp.exists() and stamp.read_text() == wanted:
         return
     log(f"installing {config.peer} into {venv} ...")
@@ -198,7 +198,9 @@ def ensure_peer(config: Config) -> None:
             timeout=300,
         )
         subprocess.run(
-            [uv(), "pip", "install", "-q", *PEER_REQUIREMENTS[config.peer]],
+            # Bytecode compiled at install, as pip does and as the uv docs advise for images;
+            # otherwise every start compiles the sources again (PYTHONDONTWRITEBYTECODE).
+            [uv(), "pip", "install", "-q", "--compile-bytecode", *PEER_REQUIREMENTS[config.peer]],
             check=True,
             env=env,
             capture_output=True,
@@ -213,25 +215,21 @@ def ensure_peer(config: Config) -> None:
 
 
 def prepare_models(workdir: Path) -> dict[str, Path]:
-    """Model repositories for the configurations, built from the demo models."""
+    """Model repositories for the configurations: the same three models for everyone."""
+    # The peers load <name>/1/model.onnx; the appliance serves that same layout.
     plain = workdir / "models"
-    shutil.copytree(DEMO, plain)
-    (plain / "tabular" / "model.toml").write_text("default_version = 2\n")
-    # The peers load <name>/1/model.onnx: give them tabular version 2 as version 1.
-    peers = workdir / "peer-models"
     for name in ("mlp", "sentiment"):
-        shutil.copytree(DEMO / name, peers / name)
-    (peers / "tabular" / "1").mkdir(parents=True)
-    shutil.copy(DEMO / "tabular" / "2" / "model.onnx", peers / "tabular" / "1" / "model.onnx")
+        shutil.copytree(DEMO / name, plain / name)
+    (plain / "tabular" / "1").mkdir(parents=True)
+    shutil.copy(DEMO / "tabular" / "2" / "model.onnx", plain / "tabular" / "1" / "model.onnx")
     batched = workdir / "models-batched"
     shutil.copytree(plain, batched)
     for name in ("mlp", "tabular", "sentiment"):
         (batched / name / "model.toml").write_text(
-            ("default_version = 2\n" if name == "tabular" else "")
-            + "[batching]\nmax_batch_size = 32\nmax_queue_delay_us = 1000\n"
+            "[batching]\nmax_batch_size = 32\nmax_queue_delay_us = 1000\n"
             "preferred_batch_sizes = [8, 16, 32]\n"
         )
-    return {"plain": plain, "peers": peers, "batched": batched}
+    return {"plain": plain, "peers": plain, "batched": batched}
 
 
 def mlserver_repository(workdir: Path) -> Path:
@@ -480,12 +478,34 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def worker_rss(running: Running) -> float:
-    """Mean RSS of the worker processes (the descendants; the process itself if none)."""
+def pss_mib(pid: int) -> float:
+    """Proportional set size: shared pages count divided among the processes sharing them."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def worker_memory(running: Running) -> tuple[float, float]:
+    """Mean RSS and PSS of the worker processes (the descendants; the process if none)."""
     pids = tree(running.process.pid)
-    workers = pids[1:] or pids
-    values = [v for v in (rss_mib(p) for p in workers) if v > 5]
-    return round(statistics.mean(values), 1) if values else 0.0
+    workers = [p for p in (pids[1:] or pids) if rss_mib(p) > 5]
+    if not workers:
+        return 0.0, 0.0
+    rss = statistics.mean(rss_mib(p) for p in workers)
+    pss = statistics.mean(pss_mib(p) for p in workers)
+    return round(rss, 1), round(pss, 1)
+
+
+def compile_bytecode() -> None:
+    """Compile our code and venv as an installed package has it (pip compiles at install)."""
+    for tree_ in (ROOT / "app", PEERS, Path(sys.prefix) / "lib"):
+        subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", "-j0", str(tree_)],
+            check=False,
+            capture_output=True,
+        )
 
 
 @dataclass
@@ -586,6 +606,7 @@ class Report:
     samples: list[Sample] = field(default_factory=list)
     cold_start_s: dict[str, list[float]] = field(default_factory=dict)
     rss_mib: dict[str, list[float]] = field(default_factory=dict)
+    pss_mib: dict[str, list[float]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     ceiling_calls_per_s: dict[str, list[float]] = field(default_factory=dict)
@@ -632,6 +653,7 @@ def measure(args: argparse.Namespace) -> Report:
             report.skipped[config.name] = config.skipped
             log(f"SKIP {config.name}: {config.skipped}")
     active = [c for c in configs if not c.skipped]
+    compile_bytecode()
     with tempfile.TemporaryDirectory(prefix="onnx-bench-") as tmp:
         workdir = Path(tmp)
         repos = prepare_models(workdir)
@@ -687,7 +709,9 @@ def measure(args: argparse.Namespace) -> Report:
                                 f"{rps:9.1f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  "
                                 f"errors {errors}  cpu {cpu:7.1f} us/req"
                             )
-                    report.rss_mib.setdefault(config.name, []).append(worker_rss(running))
+                    rss, pss = worker_memory(running)
+                    report.rss_mib.setdefault(config.name, []).append(rss)
+                    report.pss_mib.setdefault(config.name, []).append(pss)
                 except (RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
                     report.failures.append(f"{config.name}: {exc}")
                     log(f"FAIL {config.name}: {exc}")
@@ -764,19 +788,27 @@ def summarise(report: Report) -> tuple[str, dict[str, Any]]:
     lines += [
         "## Cold start and memory",
         "",
-        "| config | cold start s (median) | worker RSS MiB | cold x FastAPI | RSS x FastAPI |",
-        "|---|---|---|---|---|",
+        "| config | cold start s (median) | worker RSS MiB | worker PSS MiB | cold x FastAPI "
+        "| RSS x FastAPI | PSS x FastAPI |",
+        "|---|---|---|---|---|---|---|",
     ]
     fast_cold = _median(report.cold_start_s.get("fastapi"))
     fast_rss = _median(report.rss_mib.get("fastapi"))
+    fast_pss = _median(report.pss_mib.get("fastapi"))
     for config in report.cold_start_s:
         cold = _median(report.cold_start_s[config])
         rss = _median(report.rss_mib.get(config))
-        summary[f"startup/{config}"] = {"cold_start_s": cold, "worker_rss_mib": rss}
+        pss = _median(report.pss_mib.get(config))
+        summary[f"startup/{config}"] = {
+            "cold_start_s": cold,
+            "worker_rss_mib": rss,
+            "worker_pss_mib": pss,
+        }
         lines.append(
-            f"| {config} | {cold:.2f} | {rss:.0f} | "
+            f"| {config} | {cold:.2f} | {rss:.0f} | {pss:.0f} | "
             f"{_x(cold / fast_cold if fast_cold else None)} | "
-            f"{_x(rss / fast_rss if fast_rss else None)} |"
+            f"{_x(rss / fast_rss if fast_rss else None)} | "
+            f"{_x(pss / fast_pss if fast_pss else None)} |"
         )
     if report.skipped:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in report.skipped.items())]
