@@ -55,7 +55,7 @@ class BatchingOptions:
     preferred_batch_sizes: tuple[int, ...] = ()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # identity: requests hold arrays, and queues compare
 class _Request:
     inputs: Mapping[str, np.ndarray]
     outputs: list[str]
@@ -163,6 +163,8 @@ class Batcher:
                     self._execute(batch)
         finally:
             with self._cond:
+                if not own.answered and own in self._queue:
+                    self._queue.remove(own)  # leading failed: this thread is leaving
                 if self._queue:
                     successor = self._queue[0]
                     successor.lead = True

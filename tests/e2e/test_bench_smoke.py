@@ -12,7 +12,14 @@ import sys
 from tests.conftest import ROOT
 
 # MLServer and BentoML may be skipped with a message when they cannot be installed.
-REQUIRED = ("floor", "fastapi", "appliance", "appliance-batched", "appliance-nginx")
+REQUIRED = (
+    "floor",
+    "fastapi",
+    "fastapi-tuned",
+    "appliance",
+    "appliance-batched",
+    "appliance-nginx",
+)
 
 
 def test_bench_smoke() -> None:

@@ -177,3 +177,30 @@ def test_a_lone_request_runs_in_its_own_thread_and_the_lead_is_given_up() -> Non
     caller.start()
     caller.join(10)
     assert threads == ["lone-caller"]  # ...and afterwards nobody holds it
+
+
+def test_a_queued_request_past_its_deadline_leaves_the_queue_and_others_still_run(
+    tmp_path: Path,
+) -> None:
+    path = onnx_factory.save(onnx_factory.slow_batched(), tmp_path, "slow")
+    recorder = onnx_factory.Recorder()
+    model = batching_model(path, recorder, max_batch_size=1, max_queue_delay=0.0)
+    answers: list[Any] = []
+
+    def feed() -> dict[str, np.ndarray]:  # arrays of their own, as real requests have
+        return {"x": np.ones((1, 256), np.float32)}
+
+    def patient() -> None:
+        answers.append(model.predict(feed(), deadline=time.monotonic() + 30))
+
+    threads = [threading.Thread(target=patient) for _ in range(2)]
+    threads[0].start()  # runs first, and slowly
+    time.sleep(0.02)
+    threads[1].start()  # queued in front of the impatient one
+    time.sleep(0.02)
+    with pytest.raises(InferenceTimeout, match="deadline"):
+        model.predict(feed(), deadline=time.monotonic() + 0.03)
+    for thread in threads:
+        thread.join(30)
+    assert [list(a) for a in answers] == [["y"], ["y"]]
+    assert len(recorder.runs) == 2  # the patient ones ran; the late one never did
