@@ -470,21 +470,22 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICK
 
 
-def rss_mib(pid: int) -> float:
+def _proc_mib(pid: int, file: str, key: str) -> float:
+    """A kB figure of /proc/<pid>/<file>, in MiB (0 when the process is gone)."""
     with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(key):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def rss_mib(pid: int) -> float:
+    return _proc_mib(pid, "status", "VmRSS:")
 
 
 def pss_mib(pid: int) -> float:
     """Proportional set size: shared pages count divided among the processes sharing them."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return _proc_mib(pid, "smaps_rollup", "Pss:")
 
 
 def worker_memory(running: Running) -> tuple[float, float]:
