@@ -531,6 +531,19 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)] if match else float("nan")
 
 
+def parse_wrk(text: str) -> tuple[float, float, float, int, int]:
+    """req/s, p50 ms, p99 ms, requests and errors (socket errors + non-2xx) of wrk --latency."""
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", text).group(1))  # type: ignore[union-attr]
+    # Anchored: the thread stats' "+/- Stdev" column also ends in % (e.g. "84.50%").
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", text, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", text, re.M).group(1))  # type: ignore[union-attr]
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors += int(non2xx.group(1)) if non2xx else 0
+    return rps, p50, p99, total, errors
+
+
 def run_wrk(
     running: Running, workload: Workload, concurrency: int, duration: float, workdir: Path
 ) -> tuple[float, float, float, int, int, float]:
@@ -561,14 +574,7 @@ def run_wrk(
         check=True,
     )
     used = cpu_seconds(pids) - before
-    text = result.stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
-    total = int(re.search(r"(\d+) requests in", text).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"50%\s+(\S+)", text).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"99%\s+(\S+)", text).group(1))  # type: ignore[union-attr]
-    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", text))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    errors += int(non2xx.group(1)) if non2xx else 0
+    rps, p50, p99, total, errors = parse_wrk(result.stdout)
     cpu_us = used / total * 1e6 if total else float("nan")
     return rps, p50, p99, total, errors, cpu_us
 
