@@ -178,9 +178,16 @@ def uv() -> str:
     return found
 
 
+#: Why a peer's venv could not be made, so configs sharing it do not try again.
+_PEER_FAILURES: dict[str, str] = {}
+
+
 def ensure_peer(config: Config) -> None:
     """Create the peer's venv in bench/cache once; mark the config skipped on failure."""
     if not config.peer or config.skipped:
+        return
+    if config.peer in _PEER_FAILURES:
+        config.skipped = _PEER_FAILURES[config.peer]
         return
     venv = CACHE / config.peer
     stamp = venv / ".installed"
@@ -209,7 +216,7 @@ def ensure_peer(config: Config) -> None:
     except (subprocess.SubprocessError, OSError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         config.skipped = f"cannot be installed: {detail.decode(errors='replace')[-300:] or exc}"
-        log(f"SKIP {config.name}: {config.skipped}")
+        _PEER_FAILURES[config.peer] = config.skipped
         return
     stamp.write_text(wanted)
 
@@ -229,7 +236,7 @@ def prepare_models(workdir: Path) -> dict[str, Path]:
             "[batching]\nmax_batch_size = 32\nmax_queue_delay_us = 1000\n"
             "preferred_batch_sizes = [8, 16, 32]\n"
         )
-    return {"plain": plain, "peers": plain, "batched": batched}
+    return {"plain": plain, "batched": batched}
 
 
 def mlserver_repository(workdir: Path) -> Path:
@@ -287,7 +294,7 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
     port = free_port()
     env = dict(
         os.environ,
-        BENCH_MODEL_DIR=str(repos["peers"]),
+        BENCH_MODEL_DIR=str(repos["plain"]),
         BENCH_WORKERS=str(WORKERS),
         BENTOML_DO_NOT_TRACK="true",
         PYTHONUNBUFFERED="1",
@@ -491,11 +498,11 @@ def pss_mib(pid: int) -> float:
 def worker_memory(running: Running) -> tuple[float, float]:
     """Mean RSS and PSS of the worker processes (the descendants; the process if none)."""
     pids = tree(running.process.pid)
-    workers = [p for p in (pids[1:] or pids) if rss_mib(p) > 5]
-    if not workers:
+    sizes = [(rss, p) for p in (pids[1:] or pids) if (rss := rss_mib(p)) > 5]
+    if not sizes:
         return 0.0, 0.0
-    rss = statistics.mean(rss_mib(p) for p in workers)
-    pss = statistics.mean(pss_mib(p) for p in workers)
+    rss = statistics.mean(r for r, _ in sizes)
+    pss = statistics.mean(pss_mib(p) for _, p in sizes)
     return round(rss, 1), round(pss, 1)
 
 
