@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--workers", type=int, help="worker processes (0: one per core)")
     serve.add_argument("--threads", type=int, help="request threads per gthread worker")
-    serve.add_argument("--worker-class", choices=["gthread", "sync"])
+    serve.add_argument("--worker-class", choices=["gevent", "gthread", "sync"])
     serve.add_argument(
         "--intra-op-threads", type=int, help="onnxruntime threads per session (0: cores / workers)"
     )

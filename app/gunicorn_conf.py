@@ -63,22 +63,29 @@ class ServingState:
     generation: int
 
 
-def worker_model(settings: Settings, repository: Repository) -> tuple[str, int]:
-    """Worker class and threads: explicit settings win, else chosen from the repository.
+# gunicorn's name (or import path) of each worker class setting.
+WORKER_CLASSES = {"gevent": "app.workers.GeventWorker", "gthread": "gthread", "sync": "sync"}
 
-    Batching merges requests that are in the same worker at the same time, so a worker
-    needs about as many request threads as its largest batch.
+
+def worker_model(settings: Settings, repository: Repository) -> tuple[str, int]:
+    """Worker class and threads: explicit settings win, else gevent.
+
+    gevent serves every connection of a worker on one thread, so requests never pay a
+    thread hand-off and batching models gather from all of them. A gthread worker needs
+    about as many request threads as its largest batch to gather full batches.
+
+    Returns:
+        The setting's worker class name and the threads per worker (1 unless gthread).
     """
     largest = repository.largest_batch
-    worker_class = (
-        "gthread" if settings.server.worker_class == "auto" else (settings.server.worker_class)
-    )
+    chosen = settings.server.worker_class
+    worker_class = "gevent" if chosen == "auto" else chosen
     threads = settings.server.threads or (max(4, min(64, largest)) if largest else 4)
     if worker_class == "sync" and largest:
         log.warning(
             "batching_without_threads",
             detail="sync workers take one request at a "
-            "time, so batching models never merge requests; use gthread",
+            "time, so batching models never merge requests; use gevent or gthread",
         )
     return worker_class, threads if worker_class == "gthread" else 1
 
@@ -90,8 +97,9 @@ def gunicorn_options(settings: Settings, repository: Repository) -> dict[str, An
     options: dict[str, Any] = {
         "bind": list(s.bind),
         "workers": settings.effective_workers(),
-        "worker_class": worker_class,
+        "worker_class": WORKER_CLASSES[worker_class],
         "threads": threads,
+        "worker_connections": s.worker_connections,
         "timeout": s.timeout,
         "graceful_timeout": s.graceful_timeout,
         "keepalive": s.keepalive,
@@ -154,8 +162,12 @@ def when_ready(server: Any) -> None:
         "listening",
         addresses=[str(lst) for lst in server.LISTENERS],
         workers=state.settings.effective_workers(),
-        worker_class=server.cfg.worker_class_str,
+        worker_class=next(
+            (k for k, v in WORKER_CLASSES.items() if v == server.cfg.worker_class_str),
+            server.cfg.worker_class_str,
+        ),
         threads=server.cfg.threads,
+        worker_connections=server.cfg.worker_connections,
         models=state.repository.names,
         cores=cpu_count(),
     )

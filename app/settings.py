@@ -44,11 +44,18 @@ class ServerSettings(_Section):
         bind: Addresses to listen on: ``host:port`` or ``unix:/path``. Loopback only by
             default: NGINX is the only thing that should face the network.
         workers: Worker processes; 0 means one per CPU core.
-        worker_class: ``gthread`` (threads share a worker's sessions and batch together),
-            ``sync``, or ``auto`` (gthread).
+        worker_class: ``gevent`` (every connection a greenlet on the worker's one thread:
+            no thread hand-offs, batching gathers from all of them), ``gthread`` (a pool of
+            request threads), ``sync`` (one request at a time), or ``auto`` (gevent).
         threads: Request threads per gthread worker; 0 chooses from the repository: 4, or
             the largest ``max_batch_size`` of a batching model (at most 64) so a worker can
             gather full batches.
+        worker_connections: Connections one gevent worker serves at once; more wait in the
+            listen backlog.
+        inline_run_us: gevent workers run a model on their own thread when its slowest
+            warm-up run took at most this many microseconds (a helper-thread hand-off costs
+            about 80 us); slower models run in a helper thread, so the worker keeps reading
+            requests, shedding load and answering health checks during their runs.
         intra_op_threads: onnxruntime intra-op threads per session; 0 means cores / workers.
         inter_op_threads: onnxruntime inter-op threads per session.
         cpu_affinity: Pin each worker to one core (round robin).
@@ -71,8 +78,10 @@ class ServerSettings(_Section):
 
     bind: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8000"])
     workers: int = 0
-    worker_class: Literal["auto", "gthread", "sync"] = "auto"
+    worker_class: Literal["auto", "gthread", "sync", "gevent"] = "auto"
     threads: int = 0
+    worker_connections: int = 1000
+    inline_run_us: int = 1000
     intra_op_threads: int = 0
     inter_op_threads: int = 1
     cpu_affinity: bool = False
@@ -249,6 +258,8 @@ def _check(settings: Settings, check_repository: bool) -> None:
     positive = {
         "server.workers": (s.workers, 0),
         "server.threads": (s.threads, 0),
+        "server.worker_connections": (s.worker_connections, 1),
+        "server.inline_run_us": (s.inline_run_us, 0),
         "server.intra_op_threads": (s.intra_op_threads, 0),
         "server.inter_op_threads": (s.inter_op_threads, 1),
         "server.timeout": (s.timeout, 1),

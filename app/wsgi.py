@@ -101,6 +101,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
         timeout=settings.limits.timeout_ms / 1000,
         max_concurrency=settings.effective_max_concurrency(),
         max_queue=settings.limits.max_queue,
+        inline_run_us=settings.server.inline_run_us,
     )
 
 

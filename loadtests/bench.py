@@ -157,6 +157,7 @@ CONFIGS = [
     Config("bentoml", peer="bentoml", envelope="bentoml"),
     Config("appliance"),
     Config("appliance-batched"),
+    Config("appliance-gthread"),
     Config("appliance-nginx"),
 ]
 
@@ -308,10 +309,9 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
             str(ours / "gunicorn"),
             "-w",
             str(WORKERS),
+            # The appliance's default worker class, so the floor is what it could reach.
             "-k",
-            "gthread",
-            "--threads",
-            "4",
+            "app.workers.GeventWorker",
             "-b",
             f"127.0.0.1:{port}",
             "--log-level",
@@ -374,6 +374,8 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
             if config.name == "appliance-nginx"
             else f"127.0.0.1:{port}",
         ]
+        if config.name == "appliance-gthread":
+            cmd += ["--worker-class", "gthread"]
         cwd = ROOT
     log_file = workdir / f"{config.name}.log"
     with log_file.open("ab") as out:

@@ -113,12 +113,15 @@ def test_worker_model_follows_the_repository(tmp_path: Path) -> None:
         Path(__file__).resolve().parents[1] / "app" / "demo_models" / "mlp", tmp_path / "mlp"
     )
     settings = load_settings(write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n'), env={})
-    assert worker_model(settings, build_repository(settings)) == ("gthread", 4)
+    assert worker_model(settings, build_repository(settings)) == ("gevent", 1)
     (tmp_path / "mlp" / "model.toml").write_text("[batching]\nmax_batch_size = 32\n")
-    assert worker_model(settings, build_repository(settings)) == ("gthread", 32)
-    explicit = load_settings(
-        write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n[server]\nthreads = 6\n'), env={}
-    )
+    assert worker_model(settings, build_repository(settings)) == ("gevent", 1)
+    gthread = f'[models]\nrepository = "{tmp_path}"\n[server]\nworker_class = "gthread"\n'
+    threaded = load_settings(write(tmp_path, gthread), env={})
+    assert worker_model(threaded, build_repository(threaded)) == ("gthread", 32)
+    (tmp_path / "mlp" / "model.toml").unlink()
+    assert worker_model(threaded, build_repository(threaded)) == ("gthread", 4)
+    explicit = load_settings(write(tmp_path, gthread + "threads = 6\n"), env={})
     assert worker_model(explicit, build_repository(explicit)) == ("gthread", 6)
     sync = load_settings(
         write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n[server]\nworker_class = "sync"\n'),

@@ -89,7 +89,9 @@ class Batcher:
         self._run = run
         self._report = report
         self._queue: collections.deque[_Request] = collections.deque()
-        self._cond = threading.Condition(threading.Lock())
+        # An RLock knows its owner: with a plain Lock, notify() probes ownership with a
+        # failed acquire, and gevent's Lock yields to other greenlets on that.
+        self._cond = threading.Condition(threading.RLock())
         self._leading = False  # a thread is collecting or running a batch
         self._preferred = frozenset(options.preferred_batch_sizes)
 

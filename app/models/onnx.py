@@ -22,7 +22,7 @@ from app.models.errors import (
     PayloadTooLarge,
     RepositoryError,
 )
-from app.models.scheduling import WATCHDOG, Gate
+from app.models.scheduling import WATCHDOG, Gate, cooperative, run_in_thread
 from app.models.signature import ORT_TO_DATATYPE, TensorSpec, dims_from_ort
 
 log = structlog.get_logger(__name__)
@@ -60,6 +60,9 @@ class RuntimeOptions:
         max_concurrency: Session runs of this model at once, per worker.
         max_queue: Requests that may wait for a run slot, per worker; more are shed.
         batching: Dynamic batching limits, or None to run each request on its own.
+        inline_run_us: In a gevent worker, a model whose slowest warm-up run took at most
+            this long runs on the worker's own thread; a slower one (or one never warmed up)
+            runs in a helper thread so the worker keeps serving meanwhile.
     """
 
     intra_op_threads: int = 1
@@ -70,6 +73,7 @@ class RuntimeOptions:
     max_concurrency: int = 1
     max_queue: int = 64
     batching: BatchingOptions | None = None
+    inline_run_us: int = 1000
 
 
 class OnnxModel:
@@ -102,6 +106,9 @@ class OnnxModel:
         self.observer = observer
         self.gate = Gate(options.max_concurrency, options.max_queue)
         self.batcher: Batcher | None = None
+        # gevent worker (set at load): runs either hold its only thread or go to a helper.
+        self.cooperative = False
+        self.offload = False
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -136,9 +143,15 @@ class OnnxModel:
         self._output_names = frozenset(spec.name for spec in self.outputs)
         self._session = session
         self._run_options = ort.RunOptions
+        # Built in the process that runs the model: a gevent worker needs gevent's locks.
+        self.gate = Gate(self.options.max_concurrency, self.options.max_queue)
         if self.options.batching is not None:
             self._start_batcher(self.options.batching)
-        self.warmup()
+        slowest = self.warmup()
+        self.cooperative = cooperative()
+        self.offload = self.cooperative and (
+            slowest is None or slowest * 1e6 > self.options.inline_run_us
+        )
         self.state = ModelState.READY
 
     def _start_batcher(self, options: BatchingOptions) -> None:
@@ -169,14 +182,18 @@ class OnnxModel:
             )
         return TensorSpec(arg.name, datatype, dims_from_ort(arg.shape))
 
-    def warmup(self) -> None:
+    def warmup(self) -> float | None:
         """Run the configured number of inferences on synthetic inputs.
 
         Batch 1, plus every preferred batch size and the largest batch of a batching model,
         so the first real batches do not pay for memory planning.
+
+        Returns:
+            Seconds of the slowest batch size's fastest run, or None without warm-up runs.
         """
         if not self.options.warmup_runs:
-            return
+            return None
+        fastest: dict[int, float] = {}
         sizes = {1}
         if self.options.batching is not None:
             sizes |= {
@@ -186,13 +203,17 @@ class OnnxModel:
         for rows, _ in itertools.product(sorted(sizes), range(self.options.warmup_runs)):
             feeds = {spec.name: synthetic_input(spec, rows) for spec in self.inputs}
             try:
+                start = time.perf_counter()
                 self._session.run(None, feeds)
+                took = time.perf_counter() - start
             except Exception as exc:  # a model that cannot run at all must not serve
                 self.state = ModelState.UNAVAILABLE
                 raise RepositoryError(
                     f"{self.label}: warm-up inference failed ({exc}); set warmup_runs = 0 in "
                     "its model.toml if it needs special inputs"
                 ) from None
+            fastest[rows] = min(took, fastest.get(rows, took))
+        return max(fastest.values())
 
     @property
     def label(self) -> str:
@@ -306,8 +327,14 @@ class OnnxModel:
             options.log_severity_level = 4  # a cancelled run is expected, not an error
             token = WATCHDOG.watch(deadline, options)
         start = time.perf_counter()
+        offload = self.offload
         try:
-            results: list[np.ndarray] = self._session.run(names, dict(inputs), options)
+            if offload:
+                results: list[np.ndarray] = run_in_thread(
+                    self._session.run, names, dict(inputs), options
+                )
+            else:
+                results = self._session.run(names, dict(inputs), options)
         except Exception as exc:
             if options is not None and options.terminate:
                 raise InferenceTimeout(
@@ -323,8 +350,20 @@ class OnnxModel:
         finally:
             if token:
                 WATCHDOG.done(token)
+        took = time.perf_counter() - start
+        if not offload and self.cooperative and took * 1e6 > self.options.inline_run_us:
+            # Run time depends on the inputs too: once a run held the worker's only thread
+            # too long, this model's runs go to a helper thread for the worker's lifetime.
+            self.offload = True
+            log.warning(
+                "model_runs_offloaded",
+                model=self.name,
+                version=self.version_str,
+                run_ms=round(took * 1000, 3),
+                inline_run_us=self.options.inline_run_us,
+            )
         if self.observer is not None:
-            self.observer.inference(self.name, self.version_str, time.perf_counter() - start)
+            self.observer.inference(self.name, self.version_str, took)
         return results
 
     def metadata(self) -> dict[str, Any]:

@@ -82,6 +82,8 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         timeout_ms: Default deadline of a request to this model; clients may only lower it.
         max_concurrency: Runs of this model at once per worker.
         max_queue: Requests that may wait for a run slot per worker; more get 503.
+        inline_run_us: Overrides the server-wide ``inline_run_us`` for this model (0: always
+            run in a helper thread in gevent workers).
         batching: Dynamic batching (``[batching]`` table); off when absent.
         traffic: Weights by version for requests that name no version, e.g.
             ``{"1" = 90, "2" = 10}``; routing is sticky per request id.
@@ -97,6 +99,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     timeout_ms: int | None = None
     max_concurrency: int | None = None
     max_queue: int | None = None
+    inline_run_us: int | None = None
     traffic: dict[str, int] = msgspec.field(default_factory=dict)
     batching: BatchingConfig | None = None
     labels: list[str] = msgspec.field(default_factory=list)
@@ -326,6 +329,9 @@ def _scan_model(
         max_concurrency=config.max_concurrency or options.max_concurrency,
         max_queue=options.max_queue if config.max_queue is None else config.max_queue,
         batching=config.batching.options(name) if config.batching else None,
+        inline_run_us=(
+            options.inline_run_us if config.inline_run_us is None else config.inline_run_us
+        ),
     )
     for version_dir in sorted(model_dir.iterdir()):
         if not version_dir.is_dir() or not VERSION_RE.match(version_dir.name):
@@ -387,7 +393,7 @@ def _read_config(model_dir: Path) -> ModelConfig:
         value = getattr(config, key)
         if value is not None and value < 1:
             raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {key} must be >= 1")
-    for key in ("warmup_runs", "max_queue"):
+    for key in ("warmup_runs", "max_queue", "inline_run_us"):
         value = getattr(config, key)
         if value is not None and value < 0:
             raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {key} must be >= 0")

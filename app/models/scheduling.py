@@ -8,12 +8,17 @@ sheds load at once and a waiter whose deadline passes leaves without running.
 
 from __future__ import annotations
 
+import _thread
 import os
+import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from app.models.errors import InferenceTimeout, Overloaded
+
+T = TypeVar("T")
 
 
 class Gate:
@@ -29,7 +34,9 @@ class Gate:
         self.max_queue = max_queue
         self._running = 0
         self._waiting = 0
-        self._cond = threading.Condition(threading.Lock())
+        # An RLock knows its owner: with a plain Lock, notify() probes ownership with a
+        # failed acquire, and gevent's Lock yields to other greenlets on that.
+        self._cond = threading.Condition(threading.RLock())
 
     def acquire(self, deadline: float | None, label: str) -> None:
         """Take a slot, waiting until ``deadline`` (monotonic seconds) at most.
@@ -69,30 +76,63 @@ class Gate:
         return self._running, self._waiting
 
 
+def cooperative() -> bool:
+    """True in a gevent worker: request handlers are greenlets sharing one OS thread."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("threading"))
+
+
+def _os_thread_api() -> tuple[Callable[..., Any], Callable[[], Any]]:
+    """``start_new_thread`` and ``allocate_lock`` of the OS, even where gevent patched them."""
+    if cooperative():
+        monkey = sys.modules["gevent.monkey"]
+        start, allocate = monkey.get_original("_thread", ["start_new_thread", "allocate_lock"])
+        return start, allocate
+    return _thread.start_new_thread, _thread.allocate_lock
+
+
+def run_in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn`` in a helper OS thread and wait for it, letting other greenlets run.
+
+    Only for gevent workers: there a long session run on the worker's own thread would stop
+    it from reading requests, shedding load and answering health checks meanwhile.
+    """
+    import gevent
+
+    result: T = gevent.get_hub().threadpool.apply(fn, args)
+    return result
+
+
 class Watchdog:
-    """One thread per worker that sets ``terminate`` on runs past their deadline."""
+    """One OS thread per worker that sets ``terminate`` on runs past their deadline.
+
+    It uses the OS's own thread and lock even in a gevent worker: the runs it cancels hold
+    the worker's only thread, so a greenlet could never interrupt them.
+    """
 
     TICK = 0.01
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._active: dict[int, tuple[float, Any]] = {}
-        self._wake = threading.Event()
-        self._started = False
         self._next = 0
+        self._after_fork()
         # Threads do not survive fork: each worker starts its own on first use.
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
+        _, allocate = _os_thread_api()
         self._started = False
-        self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._lock = allocate()
+        # Released when there is something to watch; the thread blocks on it otherwise.
+        self._wake = allocate()
+        self._wake.acquire()
         self._active.clear()
 
     def _ensure_thread(self) -> None:
         if not self._started:
             self._started = True
-            threading.Thread(target=self._loop, name="inference-watchdog", daemon=True).start()
+            start, _ = _os_thread_api()
+            start(self._loop, ())
 
     def watch(self, deadline: float, run_options: Any) -> int:
         """Cancel ``run_options``' run at ``deadline``; returns a token for :meth:`done`."""
@@ -101,7 +141,8 @@ class Watchdog:
             self._next += 1
             token = self._next
             self._active[token] = (deadline, run_options)
-        self._wake.set()
+            if self._wake.locked():
+                self._wake.release()
         return token
 
     def done(self, token: int) -> None:
@@ -111,16 +152,15 @@ class Watchdog:
 
     def _loop(self) -> None:
         while True:
-            self._wake.wait()
             with self._lock:
                 now = time.monotonic()
                 for token, (deadline, options) in list(self._active.items()):
                     if now >= deadline:
                         options.terminate = True
                         del self._active[token]
-                if not self._active:
-                    self._wake.clear()
-            time.sleep(self.TICK)
+                busy = bool(self._active)
+            # A tick while runs are watched, else sleep until watch() releases the lock.
+            self._wake.acquire(timeout=self.TICK if busy else -1)
 
 
 WATCHDOG = Watchdog()

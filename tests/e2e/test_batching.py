@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -36,14 +37,21 @@ def _histogram(text: str, name: str, model: str) -> tuple[float, float]:
     return total, count
 
 
-def test_concurrent_clients_get_merged_batches_and_exact_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("worker_class", ["auto", "gthread"])
+def test_concurrent_clients_get_merged_batches_and_exact_rows(
+    tmp_path: Path, worker_class: str
+) -> None:
     models = tmp_path / "models"
     shutil.copytree(DEMO_MODELS / "mlp", models / "mlp")
     (models / "mlp" / "model.toml").write_text(BATCHING)
     reference = ort.InferenceSession(str(DEMO_MODELS / "mlp" / "1" / "model.onnx"))
-    with run_server(tmp_path, models=models, workers=1) as srv:
-        log = srv.log_lines()
-        assert next(x for x in log if x.get("event") == "listening")["threads"] >= 16
+    conf = f'worker_class = "{worker_class}"'
+    with run_server(tmp_path, models=models, workers=1, server_conf=conf) as srv:
+        listening = next(x for x in srv.log_lines() if x.get("event") == "listening")
+        if worker_class == "auto":  # greenlets: every connection can join a batch
+            assert listening["worker_class"] == "gevent"
+        else:  # as many threads as the largest batch
+            assert listening["threads"] >= 16
         barrier = threading.Barrier(16)
         mismatches: list[int] = []
         statuses: Counter[int] = Counter()

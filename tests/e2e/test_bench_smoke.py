@@ -18,6 +18,7 @@ REQUIRED = (
     "fastapi-tuned",
     "appliance",
     "appliance-batched",
+    "appliance-gthread",
     "appliance-nginx",
 )
 

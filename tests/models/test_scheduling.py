@@ -88,3 +88,136 @@ def test_queued_request_past_deadline_is_not_run(slow: OnnxModel) -> None:
 
 def _swallow(model: OnnxModel) -> None:
     model.predict(feed(1), deadline=time.monotonic() + 30)
+
+
+# -- in a gevent worker: greenlets on one OS thread ---------------------------------------------
+# gevent's monkey patching cannot be undone, so each scenario runs in a fresh interpreter.
+
+GEVENT_PRELUDE = """
+from gevent import monkey; monkey.patch_all()
+import sys, time
+import gevent, greenlet, numpy as np
+from app.models.errors import InferenceTimeout, Overloaded
+from app.models.onnx import OnnxModel, RuntimeOptions
+from app.models.scheduling import Gate, cooperative
+
+def feed(steps):
+    return {"x": np.ones((1, 1), np.float32), "n": np.array(steps, dtype=np.int64)}
+
+def load(**options):
+    model = OnnxModel("slow", 1, __import__("pathlib").Path(sys.argv[1]), RuntimeOptions(**options))
+    model.load()
+    return model
+"""
+
+
+def run_patched(slow_path: str, script: str) -> str:
+    """Run ``script`` after :data:`GEVENT_PRELUDE` in a gevent-patched interpreter.
+
+    Returns:
+        The words of the lines the script printed with a leading ``>``.
+    """
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run(
+        [sys.executable, "-c", GEVENT_PRELUDE + script, slow_path],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert result.returncode == 0, result.stderr
+    # Only the script's own lines (log lines go to stdout too).
+    return " ".join(line[2:] for line in result.stdout.splitlines() if line.startswith("> "))
+
+
+@pytest.fixture(scope="module")
+def slow_path(slow: OnnxModel) -> str:
+    return str(slow.path)
+
+
+def test_gevent_inline_run_is_cancelled_at_its_deadline(slow_path: str) -> None:
+    # The run holds the only thread the greenlets have: only an OS thread can cancel it.
+    out = run_patched(
+        slow_path,
+        """
+model = load(max_concurrency=1, inline_run_us=10**9)
+assert cooperative() and not model.offload
+start = time.monotonic()
+try:
+    model.predict(feed(1_000_000), deadline=start + 0.2)
+except InferenceTimeout as exc:
+    print(">", "timeout", "overran" in str(exc), round(time.monotonic() - start, 2))
+print(">", "after", float(model.predict(feed(2), deadline=time.monotonic() + 10)["y"]) != 0)
+""",
+    )
+    lines = out.split()
+    assert lines[:2] == ["timeout", "True"], out
+    assert float(lines[2]) < 1.5, out
+    assert lines[3:] == ["after", "True"], out
+
+
+def test_gevent_slow_runs_move_to_a_helper_thread_and_the_gate_still_sheds(slow_path: str) -> None:
+    # Warm-up (n = 0) is fast, so runs start inline; one slow run moves them to a helper
+    # thread, after which other greenlets keep running and the queue limit sheds at once.
+    out = run_patched(
+        slow_path,
+        """
+model = load(max_concurrency=1, max_queue=1, inline_run_us=1000)
+print(">", "inline_after_warmup", not model.offload)
+model.predict(feed(200), deadline=time.monotonic() + 30)
+print(">", "offloaded", model.offload)
+ticks = []
+def tick():
+    while True:
+        ticks.append(time.monotonic())
+        gevent.sleep(0.005)
+ticker = gevent.spawn(tick)
+running = gevent.spawn(model.predict, feed(3000), deadline=time.monotonic() + 30)
+gevent.sleep(0.05)
+queued = gevent.spawn(model.predict, feed(1), deadline=time.monotonic() + 30)
+gevent.sleep(0.01)
+try:
+    model.predict(feed(1), deadline=time.monotonic() + 30)
+    print(">", "shed", False)
+except Overloaded:
+    print(">", "shed", True)
+started = time.monotonic()
+running.get(); queued.get()
+print(">", "ticked_while_running", sum(1 for t in ticks if t < started) >= 5)
+""",
+    )
+    assert out.split() == [
+        "inline_after_warmup",
+        "True",
+        "offloaded",
+        "True",
+        "shed",
+        "True",
+        "ticked_while_running",
+        "True",
+    ], out
+
+
+def test_gevent_gate_release_does_not_yield(slow_path: str) -> None:
+    # A Condition over a plain Lock probes ownership with a failed acquire on notify(),
+    # and gevent's Lock yields on that: every request then waited for all the others.
+    out = run_patched(
+        slow_path,
+        """
+switches = []
+gate = Gate(concurrency=1, max_queue=4)
+other = gevent.spawn(lambda: None)  # runnable: a yield would switch to it
+greenlet.settrace(lambda event, args: switches.append(event))
+for _ in range(100):
+    gate.acquire(None, "m")
+    gate.release()
+greenlet.settrace(None)
+print(">", "switches", len(switches))
+other.join()
+""",
+    )
+    assert out.split() == ["switches", "0"], out
