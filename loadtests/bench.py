@@ -151,6 +151,7 @@ class Config:
 
 CONFIGS = [
     Config("floor", exact=False),
+    Config("floor-model"),
     Config("fastapi", peer="fastapi"),
     Config("fastapi-tuned", peer="fastapi"),
     Config("mlserver", models={"tabular"}, peer="mlserver"),
@@ -304,7 +305,9 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
     ours = ROOT / ".venv" / "bin"
     peer_bin = CACHE / config.peer / "bin"
     cwd = PEERS
-    if config.name == "floor":
+    if config.name.startswith("floor"):
+        if config.name == "floor-model":
+            env["BENCH_FLOOR_MODELS"] = "1"
         cmd = [
             str(ours / "gunicorn"),
             "-w",

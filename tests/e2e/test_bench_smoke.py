@@ -14,6 +14,7 @@ from tests.conftest import ROOT
 # MLServer and BentoML may be skipped with a message when they cannot be installed.
 REQUIRED = (
     "floor",
+    "floor-model",
     "fastapi",
     "fastapi-tuned",
     "appliance",

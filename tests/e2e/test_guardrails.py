@@ -101,8 +101,10 @@ def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("slow")
     models = tmp / "models"
     onnx_factory.save(onnx_factory.slow_loop(), models, "slow")
+    # Its run time follows an input value, not the input size, so warm-up cannot tell that it
+    # is slow: the operator says so (inline_run_us = 0: always in a helper thread).
     (models / "slow" / "model.toml").write_text(
-        "max_concurrency = 1\nmax_queue = 1\ntimeout_ms = 20000\n"
+        "max_concurrency = 1\nmax_queue = 1\ntimeout_ms = 20000\ninline_run_us = 0\n"
     )
     shutil.copytree(DEMO_MODELS / "tabular", models / "tabular")
     with run_server(tmp, models=models, workers=1) as srv:
