@@ -161,14 +161,19 @@ print(">", "after", float(model.predict(feed(2), deadline=time.monotonic() + 10)
 
 
 def test_gevent_slow_runs_move_to_a_helper_thread_and_the_gate_still_sheds(slow_path: str) -> None:
-    # Warm-up (n = 0) is fast, so runs start inline; one slow run moves them to a helper
-    # thread, after which other greenlets keep running and the queue limit sheds at once.
+    # Warm-up (n = 0) is fast, so runs start inline; three slow runs in a row (not one) move
+    # them to a helper thread, after which other greenlets keep running and the queue limit
+    # sheds at once.
     out = run_patched(
         slow_path,
         """
 model = load(max_concurrency=1, max_queue=1, inline_run_us=1000)
 print(">", "inline_after_warmup", not model.offload)
 model.predict(feed(200), deadline=time.monotonic() + 30)
+print(">", "one_slow_run_is_not_enough", not model.offload)
+model.predict(feed(1), deadline=time.monotonic() + 30)
+for _ in range(3):
+    model.predict(feed(200), deadline=time.monotonic() + 30)
 print(">", "offloaded", model.offload)
 ticks = []
 def tick():
@@ -192,6 +197,8 @@ print(">", "ticked_while_running", sum(1 for t in ticks if t < started) >= 5)
     )
     assert out.split() == [
         "inline_after_warmup",
+        "True",
+        "one_slow_run_is_not_enough",
         "True",
         "offloaded",
         "True",
