@@ -107,10 +107,13 @@ class Watchdog:
     """One OS thread per worker that sets ``terminate`` on runs past their deadline.
 
     It uses the OS's own thread and lock even in a gevent worker: the runs it cancels hold
-    the worker's only thread, so a greenlet could never interrupt them.
+    the worker's only thread, so a greenlet could never interrupt them. It ticks every
+    ``TICK`` seconds while the worker is busy and sleeps after ``IDLE_TICKS`` ticks with
+    nothing to watch, so under load no request pays for waking it.
     """
 
     TICK = 0.01
+    IDLE_TICKS = 100
 
     def __init__(self) -> None:
         self._active: dict[int, tuple[float, Any]] = {}
@@ -122,8 +125,10 @@ class Watchdog:
     def _after_fork(self) -> None:
         _, allocate = _os_thread_api()
         self._started = False
+        self._sleeping = False
+        self.wakes = 0  # times watch() had to wake the sleeping thread
         self._lock = allocate()
-        # Released when there is something to watch; the thread blocks on it otherwise.
+        # Held except while watch() wakes the sleeping thread.
         self._wake = allocate()
         self._wake.acquire()
         self._active.clear()
@@ -141,7 +146,9 @@ class Watchdog:
             self._next += 1
             token = self._next
             self._active[token] = (deadline, run_options)
-            if self._wake.locked():
+            if self._sleeping:
+                self._sleeping = False
+                self.wakes += 1
                 self._wake.release()
         return token
 
@@ -151,6 +158,7 @@ class Watchdog:
             self._active.pop(token, None)
 
     def _loop(self) -> None:
+        idle = 0
         while True:
             with self._lock:
                 now = time.monotonic()
@@ -158,9 +166,13 @@ class Watchdog:
                     if now >= deadline:
                         options.terminate = True
                         del self._active[token]
-                busy = bool(self._active)
-            # A tick while runs are watched, else sleep until watch() releases the lock.
-            self._wake.acquire(timeout=self.TICK if busy else -1)
+                idle = 0 if self._active else idle + 1
+                self._sleeping = idle >= self.IDLE_TICKS
+                sleeping = self._sleeping
+            # A tick (nobody releases the lock while awake), or sleep until watch() does.
+            self._wake.acquire(timeout=-1 if sleeping else self.TICK)
+            if sleeping:
+                idle = 0
 
 
 WATCHDOG = Watchdog()

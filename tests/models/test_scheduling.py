@@ -228,3 +228,25 @@ other.join()
 """,
     )
     assert out.split() == ["switches", "0"], out
+
+
+def test_watchdog_sleeps_when_idle_and_is_not_woken_per_run() -> None:
+    from types import SimpleNamespace
+
+    from app.models.scheduling import Watchdog
+
+    dog = Watchdog()
+    dog.IDLE_TICKS = 5  # asleep after 50 ms without runs
+    options = SimpleNamespace(terminate=False)
+    dog.done(dog.watch(time.monotonic() + 60, options))  # starts the thread
+    time.sleep(0.3)
+    assert dog._sleeping
+    for _ in range(1000):  # a busy worker: runs come and go
+        dog.done(dog.watch(time.monotonic() + 60, options))
+    assert dog.wakes == 1  # only the first run after the nap woke it
+    overrun = SimpleNamespace(terminate=False)
+    dog.watch(time.monotonic() + 0.05, overrun)
+    deadline = time.monotonic() + 2
+    while not overrun.terminate and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert overrun.terminate  # and it still cancels on time
