@@ -52,10 +52,11 @@ class ServerSettings(_Section):
             gather full batches.
         worker_connections: Connections one gevent worker serves at once; more wait in the
             listen backlog.
-        inline_run_us: gevent workers run a model on their own thread when its slowest
-            warm-up run took at most this many microseconds (a helper-thread hand-off costs
-            about 80 us); slower models run in a helper thread, so the worker keeps reading
-            requests, shedding load and answering health checks during their runs.
+        inline_run_us: gevent workers run a model on their own thread when its warm-up (the
+            fastest run at each warm-up batch size) took at most this many microseconds (a
+            helper-thread hand-off costs about 80 us); slower models, and models whose runs
+            take longer in CPU time three times in a row, run in a helper thread, so the
+            worker keeps reading requests, shedding load and answering health checks.
         intra_op_threads: onnxruntime intra-op threads per session; 0 means cores / workers.
         inter_op_threads: onnxruntime inter-op threads per session.
         cpu_affinity: Pin each worker to one core (round robin).

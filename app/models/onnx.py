@@ -63,9 +63,10 @@ class RuntimeOptions:
         max_concurrency: Session runs of this model at once, per worker.
         max_queue: Requests that may wait for a run slot, per worker; more are shed.
         batching: Dynamic batching limits, or None to run each request on its own.
-        inline_run_us: In a gevent worker, a model whose slowest warm-up run took at most
-            this long runs on the worker's own thread; a slower one (or one never warmed up)
-            runs in a helper thread so the worker keeps serving meanwhile.
+        inline_run_us: In a gevent worker, a model whose warm-up (the fastest run at each
+            warm-up batch size) took at most this long runs on the worker's own thread; a
+            slower one, one never warmed up, and one whose runs exceed it in CPU time
+            ``SLOW_STREAK`` times in a row run in a helper thread, so the worker keeps serving.
     """
 
     intra_op_threads: int = 1
