@@ -57,6 +57,8 @@ def test_intra_op_threads_default_is_cores_over_workers(tmp_path: Path) -> None:
         ('[server]\nworkers = "two"\n', {}, "server.workers"),
         ("[server]\nworkers = -1\n", {}, "server.workers"),
         ('[server]\nworker_class = "eventlet"\n', {}, "worker_class"),
+        ("[server]\nworker_connections = 0\n", {}, "server.worker_connections"),
+        ("[server]\ninline_run_us = -1\n", {}, "server.inline_run_us"),
         ('[server]\nbind = ["0.0.0.0"]\n', {}, "server.bind"),
         ("[limits]\nmax_body_bytes = 0\n", {}, "limits.max_body_bytes"),
         ("[server\n", {}, "not valid TOML"),

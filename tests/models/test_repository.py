@@ -70,6 +70,7 @@ def test_unknown_names(name: str) -> None:
         ("default_version = 7\n", "default_version 7 does not exist"),
         ("intra_op_threads = 0\n", "intra_op_threads"),
         ("warmup_runs = -1\n", "warmup_runs"),
+        ("inline_run_us = -1\n", "inline_run_us must be >= 0"),
         ("labels = 3\n", "labels"),
         ("default_version = \n", "unreadable"),
     ],
