@@ -6,22 +6,59 @@ GIL hand-off each time a request moves between threads and each time onnxruntime
 the GIL for a run; on one thread nothing else is runnable, so small models run at close to
 their in-process speed. Models too slow to run inline are handed to a helper thread by
 the model layer (see :mod:`app.models.scheduling`), so the worker keeps reading requests.
+
+When it is told to stop (a reload, ``max_requests``, a shutdown) it stops accepting at once
+and closes the kept-alive connections that are waiting for their next request, so NGINX
+sends its next requests to the live workers instead of the old ones.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import time
+from functools import partial
 from typing import Any
 
 import gevent
+import gevent.event
+from gevent import monkey
+from gevent.pool import Pool
+from gevent.server import StreamServer
+from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker as _GunicornGeventWorker
 
 # The longest a kept-alive connection waits for the others' turn (seconds).
 FAIR_WAIT = 0.05
+# How often a stopping worker looks whether its last connection has closed (seconds).
+STOP_POLL = 0.1
+
+
+class _KeepAliveWait(gevent.Timeout):  # type: ignore[misc]
+    """gunicorn's wait for a connection's next request, which a stopping worker can end."""
+
+    def __init__(self, worker: GeventWorker, seconds: float) -> None:
+        super().__init__(seconds, False)  # on expiry the wait ends quietly: the loop closes
+        self._worker = worker
+        self._greenlet: Any = None
+
+    def __enter__(self) -> _KeepAliveWait:
+        self._greenlet = gevent.getcurrent()
+        if not self._worker._served.get(self._greenlet):
+            # A new connection: its first request is on the way (NGINX connects to send one).
+            return super().__enter__()  # type: ignore[no-any-return]
+        self._worker._waiting[self._greenlet] = self
+        if not self._worker.alive:
+            self._worker._end_wait(self._greenlet, self)
+        return super().__enter__()  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        self._worker._waiting.pop(self._greenlet, None)
+        return super().__exit__(*exc)  # type: ignore[no-any-return]
 
 
 class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
-    """gunicorn's gevent worker that serves its keep-alive connections in turn.
+    """gunicorn's gevent worker that serves its keep-alive connections in turn, and that
+    lets go of its idle ones as soon as it is told to stop.
 
     A greenlet whose client has already sent its next request reads it without ever
     returning to the event loop, so one busy connection could be served many times while
@@ -29,6 +66,14 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
     greenlet waits until the loop has nothing else to do, bounded by ``FAIR_WAIT`` so a
     flood of new connections cannot stall a kept-alive one.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Connection greenlet -> its socket, and -> its wait for a next request (if waiting).
+        self._clients: dict[Any, Any] = {}
+        self._waiting: dict[Any, _KeepAliveWait] = {}
+        self._served: dict[Any, int] = {}  # connection greenlet -> requests answered on it
+        self._stopping: gevent.event.Event | None = None
 
     def patch(self) -> None:
         """gunicorn's monkey patching, with the installed entry points read once.
@@ -49,9 +94,101 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
         finally:
             importlib.metadata.entry_points = original
 
+    def run(self) -> None:
+        """gunicorn's gevent loop, made to stop at once when told to.
+
+        gunicorn notices SIGTERM up to a second late, keeps accepting meanwhile, and lets each
+        kept-alive connection wait up to ``keepalive`` seconds for one more request. After a
+        reload that served the old model version to NGINX's pooled connections for seconds.
+        Here the listeners close and every connection waiting for its next request is closed
+        as soon as the signal arrives; requests already read are answered, as before.
+        """
+        self._stopping = gevent.event.Event()
+        ssl_args = {"ssl_context": ssl_context(self.cfg)} if self.cfg.is_ssl else {}
+        servers = []
+        for sock in self.sockets:
+            sock.setblocking(1)
+            server = StreamServer(
+                sock, handle=partial(self.handle, sock), spawn=Pool(self.worker_connections),
+                **ssl_args,
+            )  # fmt: skip
+            if self.cfg.workers > 1:
+                server.max_accept = 1  # leave the other workers their share of a burst
+            server.start()
+            servers.append(server)
+        while self.alive:
+            self.notify()
+            self._stopping.wait(1.0)
+        for server in servers:
+            server.close()
+        for greenlet, wait in list(self._waiting.items()):
+            self._end_wait(greenlet, wait)
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while time.monotonic() < deadline:
+            if all(server.pool.free_count() == server.pool.size for server in servers):
+                return
+            self.notify()
+            gevent.sleep(STOP_POLL)
+        self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
+        for server in servers:
+            server.stop(timeout=1)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """SIGTERM: stop now (the loop above wakes at once instead of within a second)."""
+        self.alive = False
+        if self._stopping is not None:
+            gevent.spawn(self._stopping.set)  # not in the signal handler itself
+
+    def timeout_ctx(self) -> _KeepAliveWait:
+        """The wait for a connection's next request (``keepalive`` seconds at most)."""
+        return _KeepAliveWait(self, self.cfg.keepalive)
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        """Serve one connection, known by its greenlet while it lasts."""
+        greenlet = gevent.getcurrent()
+        self._clients[greenlet] = client
+        self._served[greenlet] = 0
+        try:
+            super().handle(listener, client, addr)
+        finally:
+            self._clients.pop(greenlet, None)
+            self._served.pop(greenlet, None)
+
+    def _end_wait(self, greenlet: Any, wait: _KeepAliveWait) -> None:
+        """End a connection's wait for its next request, unless that request is arriving.
+
+        The connection then closes without an answer. Should NGINX have sent a request
+        into it meanwhile, it sees the close before any answer and sends the request again
+        on another connection (``proxy_next_upstream error ... non_idempotent``), which a
+        live worker accepts; bytes already here are read and answered instead.
+        """
+        gevent.get_hub().loop.run_callback(self._end_wait_now, greenlet, wait)
+
+    def _end_wait_now(self, greenlet: Any, wait: _KeepAliveWait) -> None:
+        # In the hub, so the greenlet is blocked reading and these checks hold for the throw.
+        client = self._clients.get(greenlet)
+        if self._waiting.get(greenlet) is wait and client is not None and not _readable(client):
+            greenlet.throw(wait)  # the wait ends as if its time were up
+
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         """Answer one request, then let every other ready connection go first."""
         result = super().handle_request(listener_name, req, sock, addr)
+        greenlet = gevent.getcurrent()
+        if greenlet in self._served:
+            self._served[greenlet] += 1
+        if not self.alive and self._stopping is not None:
+            self._stopping.set()  # max_requests reached: stop accepting now, not a second later
         with gevent.Timeout(FAIR_WAIT, False):
             gevent.idle()
         return result
+
+
+_select = monkey.get_original("select", "select")
+
+
+def _readable(sock: Any) -> bool:
+    """Whether a socket has bytes (or an end) to read now, without waiting."""
+    try:
+        return bool(_select([sock.fileno()], [], [], 0)[0])
+    except (OSError, ValueError):  # closed meanwhile: nothing to wait for
+        return False

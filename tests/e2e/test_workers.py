@@ -1,13 +1,19 @@
-"""The gevent worker under a real gunicorn: keep-alive connections are served in turn."""
+"""The gevent worker under a real gunicorn: keep-alive connections are served in turn, and a
+stopping worker lets go of its idle ones at once."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import socket
 import time
+from collections import Counter
 from pathlib import Path
 
-from tests.e2e.conftest import Server, run_server
+from tests.conftest import DEMO_MODELS
+from tests.e2e.conftest import Server, run_server, wait_for_event
+from tests.e2e.test_drills import stack, traffic
 
 BODY = json.dumps(
     {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}
@@ -76,3 +82,45 @@ def test_a_busy_keepalive_connection_does_not_starve_another(tmp_path: Path) -> 
     served_after_b = len(order) - 1 - order.index("b-late")
     # Taking turns, B waits for about one of A's requests; without, for all of them.
     assert served_after_b > pipelined // 2, (served_after_b, order[:5])
+
+
+def test_a_stopping_worker_closes_its_idle_keepalive_connections_at_once(tmp_path: Path) -> None:
+    # gunicorn's own gevent worker keeps an idle connection until `keepalive` (5 s) runs out
+    # and answers one more request on it meanwhile, from the old workers after a reload.
+    with run_server(tmp_path, workers=1) as server:
+        idle = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        with idle:
+            idle.sendall(request("idle-1"))
+            assert b" 200 OK" in read_responses(idle, 1)
+            server.process.send_signal(signal.SIGHUP)
+            wait_for_event(server, "reload_complete")
+            stopped = time.monotonic()
+            idle.settimeout(4)
+            assert idle.recv(1024) == b""  # closed without an answer, not timed out
+            closed_after = time.monotonic() - stopped
+        fresh = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        with fresh:
+            fresh.sendall(request("fresh-1"))
+            assert b" 200 OK" in read_responses(fresh, 1)  # the new worker serves
+    assert closed_after < 1.0, closed_after
+
+
+def test_after_a_reload_pooled_nginx_connections_reach_the_new_version(tmp_path: Path) -> None:
+    # NGINX keeps idle connections to the old workers; none may answer after the reload.
+    models = tmp_path / "models"
+    shutil.copytree(DEMO_MODELS / "tabular", models / "tabular")
+    (models / "tabular" / "model.toml").unlink()  # the newest version serves
+    with stack(tmp_path, models) as (app, edge):
+        with traffic(edge, threads=16, max_seconds=1.0) as load:
+            time.sleep(1.0)  # fills NGINX's pool of upstream connections
+        before = load.stop()
+        shutil.copytree(models / "tabular" / "1", models / "tabular" / "3")
+        app.process.send_signal(signal.SIGHUP)
+        wait_for_event(app, "reload_complete")
+        time.sleep(0.2)
+        with traffic(edge, threads=16, max_seconds=1.0) as load:
+            time.sleep(1.0)
+        after = load.stop()
+    assert before.failed == 0 and {r.version for r in before.records} == {"2"}
+    assert after.sent > 100 and after.failed == 0, after.failures()[:5]
+    assert Counter(r.version for r in after.records) == {"3": after.sent}
