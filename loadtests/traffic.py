@@ -120,6 +120,9 @@ class Traffic:
         headers: Extra request headers.
         pause: Seconds each client waits between requests.
         vary: Called before each request for headers that change per request.
+        rate: Most requests started per second by all clients together (0: no limit). Each
+            request's connection stays in TIME_WAIT on the client side for a minute, so an
+            unpaced pool on a real network exhausts its ~28k local ports within minutes.
     """
 
     def __init__(
@@ -137,6 +140,7 @@ class Traffic:
         headers: dict[str, str] | None = None,
         pause: float = 0.0,
         vary: Callable[[], dict[str, str]] | None = None,
+        rate: float = 0.0,
     ) -> None:
         self._target = (server_name, address, port)
         self._context = ssl.create_default_context(cafile=str(ca))
@@ -144,6 +148,8 @@ class Traffic:
         self._headers = {"Content-Type": "application/json", **(headers or {})}
         self._timeout, self._pause, self._vary = timeout, pause, vary
         self._deadline = 0.0
+        self._interval = 1 / rate if rate > 0 else 0.0
+        self._next_start = 0.0
         self._max_seconds = max_seconds
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -176,9 +182,19 @@ class Traffic:
         with self._lock:
             return Report(list(self._records))
 
+    def _wait_turn(self) -> float:
+        """Seconds until this client's next start under ``rate`` (claims that start)."""
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._next_start, now)
+            self._next_start = start + self._interval
+        return start - now
+
     def _client(self) -> None:
         server_name, address, port = self._target
         while not self._stop.is_set() and time.monotonic() < self._deadline:
+            if self._interval and (self._stop.wait(self._wait_turn()) or self._stop.is_set()):
+                break
             start = time.monotonic()
             status, version, error = 0, "", ""
             conn = _Connection(server_name, address, port, self._context, self._timeout)
@@ -214,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--max-seconds", type=float, default=300)
     parser.add_argument("--timeout", type=float, default=30)
+    parser.add_argument("--rate", type=float, default=0.0, help="requests/s in all (0: no limit)")
     parser.add_argument("--stop-file", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -227,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=args.threads,
         max_seconds=args.max_seconds,
         timeout=args.timeout,
+        rate=args.rate,
     )
     started = time.monotonic()
     traffic.start()

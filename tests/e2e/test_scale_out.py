@@ -45,6 +45,9 @@ NET = "10.231.0"
 NAME = "appliance.test"
 HOSTS = {"lb-1": f"{NET}.10", "appliance-1": f"{NET}.11", "appliance-2": f"{NET}.12"}
 CONTROL = f"{NET}.100"
+# Client requests/s of the drills' traffic: each request is a new connection, whose port the
+# workstation keeps in TIME_WAIT for 60 s; unpaced (~1000/s) a rolling update ran out of them.
+RATE = 200
 # Lab hosts get fresh host keys at every run: nothing to remember them by.
 SSH_OPTIONS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
 BODY = json.dumps(
@@ -214,7 +217,8 @@ class Lab:
                 "ip", "netns", "exec", self.control, sys.executable, "-m", "loadtests.traffic",
                 "--address", HOSTS["lb-1"], "--server-name", NAME, "--ca", str(self.tls["ca"]),
                 "--body", BODY, "--threads", str(threads), "--max-seconds", "400",
-                "--timeout", "30", "--stop-file", str(stop), "--out", str(out),
+                "--timeout", "30", "--rate", str(RATE), "--stop-file", str(stop),
+                "--out", str(out),
             ],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
@@ -480,12 +484,9 @@ def test_abrupt_host_stop_costs_at_most_the_requests_in_flight(lab: Lab) -> None
     in_flight = result.in_flight(killed_at)
     late = result.between(killed_at)
     first = min(r.start for r in result.records)
-    last = max(r.start for r in result.records)
     DRILL_REPORTS.append(
         f"appliance host stopped abruptly: {result.summary()}; {in_flight} in flight at the "
         f"stop, {late.failed} failed of {late.sent} sent after it; "
-        f"{result.between(first, killed_at).sent / (killed_at - first):.0f} req/s on two hosts, "
-        f"{result.between(killed_at + 2).sent / (last - killed_at - 2):.0f} req/s on one; "
         f"p99 {result.between(first, killed_at).percentile(99) * 1000:.0f} ms before, "
         f"{late.percentile(99) * 1000:.0f} ms after"
     )
