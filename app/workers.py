@@ -8,19 +8,19 @@ their in-process speed. Models too slow to run inline are handed to a helper thr
 the model layer (see :mod:`app.models.scheduling`), so the worker keeps reading requests.
 
 When it is told to stop (a reload, ``max_requests``, a shutdown) it stops accepting at once
-and closes the kept-alive connections that are waiting for their next request, so NGINX
-sends its next requests to the live workers instead of the old ones.
+and closes the kept-alive unix-socket connections that are waiting for their next request, so
+NGINX sends its next requests to the live workers instead of the old ones.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import socket
 import time
 from functools import partial
 from typing import Any
 
 import gevent
-import gevent.event
 from gevent import monkey
 from gevent.pool import Pool
 from gevent.server import StreamServer
@@ -29,7 +29,8 @@ from gunicorn.workers.ggevent import GeventWorker as _GunicornGeventWorker
 
 # The longest a kept-alive connection waits for the others' turn (seconds).
 FAIR_WAIT = 0.05
-# How often a stopping worker looks whether its last connection has closed (seconds).
+# How often the worker looks whether it was told to stop, and once stopping whether its last
+# connection has closed (seconds). gunicorn looks once a second.
 STOP_POLL = 0.1
 
 
@@ -43,8 +44,8 @@ class _KeepAliveWait(gevent.Timeout):  # type: ignore[misc]
 
     def __enter__(self) -> _KeepAliveWait:
         self._greenlet = gevent.getcurrent()
-        if not self._worker._served.get(self._greenlet):
-            # A new connection: its first request is on the way (NGINX connects to send one).
+        if not self._worker._closable.get(self._greenlet):
+            # TCP, or a new connection, whose first request is on the way: see _end_wait.
             return super().__enter__()  # type: ignore[no-any-return]
         self._worker._waiting[self._greenlet] = self
         if not self._worker.alive:
@@ -72,8 +73,8 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
         # Connection greenlet -> its socket, and -> its wait for a next request (if waiting).
         self._clients: dict[Any, Any] = {}
         self._waiting: dict[Any, _KeepAliveWait] = {}
-        self._served: dict[Any, int] = {}  # connection greenlet -> requests answered on it
-        self._stopping: gevent.event.Event | None = None
+        # Unix-socket connection greenlet -> requests answered on it.
+        self._closable: dict[Any, int] = {}
 
     def patch(self) -> None:
         """gunicorn's monkey patching, with the installed entry points read once.
@@ -95,15 +96,15 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
             importlib.metadata.entry_points = original
 
     def run(self) -> None:
-        """gunicorn's gevent loop, made to stop at once when told to.
+        """gunicorn's gevent loop, made to stop promptly when told to.
 
-        gunicorn notices SIGTERM up to a second late, keeps accepting meanwhile, and lets each
-        kept-alive connection wait up to ``keepalive`` seconds for one more request. After a
-        reload that served the old model version to NGINX's pooled connections for seconds.
-        Here the listeners close and every connection waiting for its next request is closed
-        as soon as the signal arrives; requests already read are answered, as before.
+        gunicorn notices SIGTERM (or its ``max_requests``) up to a second late, keeps
+        accepting meanwhile, and lets each kept-alive connection wait up to ``keepalive``
+        seconds for one more request. After a reload that served the old model version to
+        NGINX's pooled connections for seconds. Here the listeners close within
+        ``STOP_POLL`` and the idle unix-socket connections then (see ``_end_wait``);
+        requests already read are answered, as before.
         """
-        self._stopping = gevent.event.Event()
         ssl_args = {"ssl_context": ssl_context(self.cfg)} if self.cfg.is_ssl else {}
         servers = []
         for sock in self.sockets:
@@ -118,7 +119,7 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
             servers.append(server)
         while self.alive:
             self.notify()
-            self._stopping.wait(1.0)
+            gevent.sleep(STOP_POLL)
         for server in servers:
             server.close()
         for greenlet, wait in list(self._waiting.items()):
@@ -133,12 +134,6 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
         for server in servers:
             server.stop(timeout=1)
 
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        """SIGTERM: stop now (the loop above wakes at once instead of within a second)."""
-        self.alive = False
-        if self._stopping is not None:
-            gevent.spawn(self._stopping.set)  # not in the signal handler itself
-
     def timeout_ctx(self) -> _KeepAliveWait:
         """The wait for a connection's next request (``keepalive`` seconds at most)."""
         return _KeepAliveWait(self, self.cfg.keepalive)
@@ -147,12 +142,13 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
         """Serve one connection, known by its greenlet while it lasts."""
         greenlet = gevent.getcurrent()
         self._clients[greenlet] = client
-        self._served[greenlet] = 0
+        if listener.family == socket.AF_UNIX:
+            self._closable[greenlet] = 0
         try:
             super().handle(listener, client, addr)
         finally:
             self._clients.pop(greenlet, None)
-            self._served.pop(greenlet, None)
+            self._closable.pop(greenlet, None)
 
     def _end_wait(self, greenlet: Any, wait: _KeepAliveWait) -> None:
         """End a connection's wait for its next request, unless that request is arriving.
@@ -161,6 +157,11 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
         into it meanwhile, it sees the close before any answer and sends the request again
         on another connection (``proxy_next_upstream error ... non_idempotent``), which a
         live worker accepts; bytes already here are read and answered instead.
+
+        Only connections on a unix socket, where NGINX is the client, and only once they
+        have answered a request: NGINX opens a connection to send a request at once, and
+        a client on TCP may be one that does not retry a POST (python-requests does not),
+        so those keep gunicorn's way: one more request answered, then the close.
         """
         gevent.get_hub().loop.run_callback(self._end_wait_now, greenlet, wait)
 
@@ -174,10 +175,8 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
         """Answer one request, then let every other ready connection go first."""
         result = super().handle_request(listener_name, req, sock, addr)
         greenlet = gevent.getcurrent()
-        if greenlet in self._served:
-            self._served[greenlet] += 1
-        if not self.alive and self._stopping is not None:
-            self._stopping.set()  # max_requests reached: stop accepting now, not a second later
+        if greenlet in self._closable:
+            self._closable[greenlet] += 1
         with gevent.Timeout(FAIR_WAIT, False):
             gevent.idle()
         return result

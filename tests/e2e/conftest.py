@@ -69,9 +69,10 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def log_lines(self) -> list[dict[str, Any]]:
-        """Every stderr line, parsed; fails the test if one is not JSON."""
+        """Every complete stderr line, parsed; fails the test if one is not JSON."""
         lines = []
-        for raw in self.log_path.read_text().splitlines():
+        # The text after the last newline is a line still being written (or nothing).
+        for raw in self.log_path.read_text().split("\n")[:-1]:
             lines.append(json.loads(raw))
         return lines
 
