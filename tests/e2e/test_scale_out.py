@@ -206,7 +206,10 @@ class Lab:
 
     def lb_log(self) -> list[dict[str, Any]]:
         path = self.hosts["lb-1"].root / "var/log/nginx/onnx-appliance-lb.access.log"
-        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        if not path.exists():
+            return []
+        # The text after the last newline is a line still being written (or nothing).
+        return [json.loads(x) for x in path.read_text().split("\n")[:-1]]
 
     @contextlib.contextmanager
     def traffic(self, name: str, threads: int = 6) -> Iterator[dict[str, Any]]:
