@@ -44,12 +44,11 @@ class _KeepAliveWait(gevent.Timeout):  # type: ignore[misc]
 
     def __enter__(self) -> _KeepAliveWait:
         self._greenlet = gevent.getcurrent()
-        if not self._worker._closable.get(self._greenlet):
-            # TCP, or a new connection, whose first request is on the way: see _end_wait.
-            return super().__enter__()  # type: ignore[no-any-return]
-        self._worker._waiting[self._greenlet] = self
-        if not self._worker.alive:
-            self._worker._end_wait(self._greenlet, self)
+        # Not TCP, nor a new connection whose first request is on the way: see _end_wait.
+        if self._greenlet in self._worker._closable:
+            self._worker._waiting[self._greenlet] = self
+            if not self._worker.alive:
+                self._worker._end_wait(self._greenlet, self)
         return super().__enter__()  # type: ignore[no-any-return]
 
     def __exit__(self, *exc: Any) -> bool | None:
@@ -70,11 +69,10 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # Connection greenlet -> its socket, and -> its wait for a next request (if waiting).
-        self._clients: dict[Any, Any] = {}
+        # Greenlet -> socket of each unix-socket connection that has answered a request.
+        self._closable: dict[Any, Any] = {}
+        # Greenlet -> its wait for the next request, for those of them waiting now.
         self._waiting: dict[Any, _KeepAliveWait] = {}
-        # Unix-socket connection greenlet -> requests answered on it.
-        self._closable: dict[Any, int] = {}
 
     def patch(self) -> None:
         """gunicorn's monkey patching, with the installed entry points read once.
@@ -139,16 +137,11 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
         return _KeepAliveWait(self, self.cfg.keepalive)
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
-        """Serve one connection, known by its greenlet while it lasts."""
-        greenlet = gevent.getcurrent()
-        self._clients[greenlet] = client
-        if listener.family == socket.AF_UNIX:
-            self._closable[greenlet] = 0
+        """Serve one connection."""
         try:
             super().handle(listener, client, addr)
         finally:
-            self._clients.pop(greenlet, None)
-            self._closable.pop(greenlet, None)
+            self._closable.pop(gevent.getcurrent(), None)
 
     def _end_wait(self, greenlet: Any, wait: _KeepAliveWait) -> None:
         """End a connection's wait for its next request, unless that request is arriving.
@@ -167,16 +160,15 @@ class GeventWorker(_GunicornGeventWorker):  # type: ignore[misc]
 
     def _end_wait_now(self, greenlet: Any, wait: _KeepAliveWait) -> None:
         # In the hub, so the greenlet is blocked reading and these checks hold for the throw.
-        client = self._clients.get(greenlet)
+        client = self._closable.get(greenlet)
         if self._waiting.get(greenlet) is wait and client is not None and not _readable(client):
             greenlet.throw(wait)  # the wait ends as if its time were up
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
         """Answer one request, then let every other ready connection go first."""
         result = super().handle_request(listener_name, req, sock, addr)
-        greenlet = gevent.getcurrent()
-        if greenlet in self._closable:
-            self._closable[greenlet] += 1
+        if sock.family == socket.AF_UNIX:
+            self._closable[gevent.getcurrent()] = sock
         with gevent.Timeout(FAIR_WAIT, False):
             gevent.idle()
         return result

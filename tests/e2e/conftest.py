@@ -70,11 +70,7 @@ class Server:
 
     def log_lines(self) -> list[dict[str, Any]]:
         """Every complete stderr line, parsed; fails the test if one is not JSON."""
-        lines = []
-        # The text after the last newline is a line still being written (or nothing).
-        for raw in self.log_path.read_text().split("\n")[:-1]:
-            lines.append(json.loads(raw))
-        return lines
+        return json_lines(self.log_path)
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -90,6 +86,12 @@ class Server:
 def children(pid: int) -> list[int]:
     """The pids of a process's children (a gunicorn master's workers, nspawn's PID 1)."""
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """A JSON-lines log's complete lines, parsed; fails the test if one is not JSON."""
+    # The text after the last newline is a line still being written (or nothing).
+    return [json.loads(raw) for raw in path.read_text().split("\n")[:-1]]
 
 
 def wait_for_event(server: Server, event: str, count: int = 1, timeout: float = 60) -> None:

@@ -36,7 +36,7 @@ import pytest
 from loadtests.edge import lab_tls
 from loadtests.traffic import Report
 from tests.conftest import ROOT
-from tests.e2e.conftest import DRILL_REPORTS, children
+from tests.e2e.conftest import DRILL_REPORTS, children, json_lines
 from tests.e2e.test_appliance import CACHE_ROOT, _base_rootfs, dist
 
 BIN = Path(sys.executable).parent
@@ -206,10 +206,7 @@ class Lab:
 
     def lb_log(self) -> list[dict[str, Any]]:
         path = self.hosts["lb-1"].root / "var/log/nginx/onnx-appliance-lb.access.log"
-        if not path.exists():
-            return []
-        # The text after the last newline is a line still being written (or nothing).
-        return [json.loads(x) for x in path.read_text().split("\n")[:-1]]
+        return json_lines(path) if path.exists() else []
 
     @contextlib.contextmanager
     def traffic(self, name: str, threads: int = 6) -> Iterator[dict[str, Any]]:
