@@ -8,10 +8,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app import __version__
 from app.settings import CONFIG_ENV, Settings, SettingsError, load_settings, runtime_dir
+
+if TYPE_CHECKING:
+    from app.models.repository import ModelEntry
 
 EXIT_CONFIG = 2
 
@@ -74,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
         "served, 2 (with one line naming the problem) otherwise.",
     )
     check.add_argument("directory", type=Path, metavar="DIR")
+
+    check_config = sub.add_parser(
+        "check-config",
+        help="validate a settings file",
+        description="Read FILE as `serve` would (without the environment, and without "
+        "requiring its model repository to exist yet) and say whether it can be served. "
+        "Exit status 0 when it can, 2 (with one line naming the problem) otherwise; "
+        "Ansible validates the file with this before writing it.",
+    )
+    check_config.add_argument("file", type=Path, metavar="FILE")
 
     reload_cmd = sub.add_parser(
         "reload",
@@ -177,9 +190,9 @@ def serve(args: argparse.Namespace) -> int:
             runtime,
             settings,
         )
+        application.run()
     except StartupError as exc:
         return _fail(str(exc))
-    application.run()
     return 0
 
 
@@ -265,14 +278,32 @@ def check(args: argparse.Namespace) -> int:
     except RepositoryError as exc:
         return _fail(str(exc))
     for model in repository.models():
-        entry = repository.entry(model.name)
-        default = " (default)" if model.version == entry.default_version else ""
-        print(f"{model.name} version {model.version}{default}: ready")
+        routing = _routing(repository.entry(model.name), model.version)
+        print(f"{model.name} version {model.version}{routing}: ready")
         for kind, specs in (("input", model.inputs), ("output", model.outputs)):
             for spec in specs:
                 print(f"  {kind:6} {spec.name}: {spec.datatype} {list(spec.shape)}")
     print(f"ok: {len(repository.names)} model(s), {sum(1 for _ in repository.models())} version(s)")
     return 0
+
+
+def check_config(args: argparse.Namespace) -> int:
+    """Validate one settings file on its own."""
+    try:
+        load_settings(args.file, env={}, check_repository=False)
+    except SettingsError as exc:
+        return _fail(str(exc))
+    print(f"ok: {args.file} is valid")
+    return 0
+
+
+def _routing(entry: ModelEntry, version: int) -> str:
+    """How requests that name no version reach this version, for ``check``'s listing."""
+    weights = entry.config.traffic
+    if weights:
+        share = 100 * weights.get(str(version), 0) / sum(weights.values())
+        return f" (traffic {share:.3g}%)"
+    return " (default)" if version == entry.default_version else ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return reload(args)
     if args.command == "keys":
         return keys(args)
+    if args.command == "check-config":
+        return check_config(args)
     if args.command == "check":
         import structlog
 

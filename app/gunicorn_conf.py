@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from gunicorn import sock as gunicorn_sock
+from gunicorn import systemd
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 
@@ -351,5 +353,36 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
         return create_app(state.settings, repository, metrics, state.keys, limiter)
 
     def run(self) -> None:
-        """Run our arbiter until the master is told to stop."""
-        ApplianceArbiter(self).run()
+        """Listen, then run our arbiter until the master is told to stop.
+
+        Raises:
+            StartupError: an address cannot be listened on.
+        """
+        arbiter = ApplianceArbiter(self)
+        # Sockets handed over by systemd (or by gunicorn's own re-exec) are gunicorn's to take.
+        if not (systemd.listen_fds(unset_environment=False) or "GUNICORN_FD" in os.environ):
+            arbiter.LISTENERS = open_listeners(self.cfg, arbiter.log)
+        arbiter.run()
+
+
+def open_listeners(cfg: Any, logger: Any) -> list[Any]:
+    """Listen on every configured address at once, the way gunicorn would.
+
+    gunicorn retries an address in use or unresolvable for five seconds, then exits 1 after
+    several log lines (and a port beyond 65535 raised a traceback); an operator gets one
+    line and exit status 2 instead.
+
+    Raises:
+        StartupError: naming the address that cannot be listened on and why.
+    """
+    listeners: list[Any] = []
+    for address in cfg.address:
+        try:
+            listeners.append(gunicorn_sock._sock_type(address)(address, cfg, logger))
+        except (OSError, OverflowError, ValueError) as exc:
+            for listener in listeners:
+                listener.close()
+            where = f"unix:{address}" if isinstance(address, str) else f"{address[0]}:{address[1]}"
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise StartupError(f"cannot listen on {where}: {reason}") from None
+    return listeners

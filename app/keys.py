@@ -21,6 +21,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.ratelimit import LimitError, check_burst, check_rate
+
 PREFIX = "oa"
 ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 _HEADER = (
@@ -70,10 +72,18 @@ def new_key(key_id: str, rate: float | None = None, burst: int | None = None) ->
     """A fresh key: its record for the file and the token to hand over once.
 
     Raises:
-        KeyFileError: the id is not ``[a-z0-9][a-z0-9-]{0,31}``.
+        KeyFileError: the id is not ``[a-z0-9][a-z0-9-]{0,31}``, or the rate or burst is
+            one the keys file could not be read back with (see :mod:`app.ratelimit`).
     """
     if not ID_RE.match(key_id):
         raise KeyFileError(f"key id {key_id!r} is invalid: use a-z, 0-9 and -, at most 32")
+    try:
+        if rate is not None:
+            check_rate(rate, "--rate")
+        if burst is not None:
+            check_burst(burst, "--burst")
+    except LimitError as exc:
+        raise KeyFileError(str(exc)) from None
     secret = secrets.token_urlsafe(32)
     salt = secrets.token_bytes(16)
     return ApiKey(key_id, salt, _digest(salt, secret), rate, burst), f"{PREFIX}_{key_id}_{secret}"
@@ -110,7 +120,10 @@ class KeyStore:
             line = raw.split("#", 1)[0].strip()
             if not line:
                 continue
-            key = _parse(line)
+            try:
+                key = _parse(line)
+            except LimitError as exc:
+                raise KeyFileError(f"keys file {path} line {number}: {exc}") from None
             if key is None:
                 raise KeyFileError(f"keys file {path} line {number} is malformed")
             if key.id in keys:
@@ -145,6 +158,11 @@ class KeyStore:
 
 
 def _parse(line: str) -> ApiKey | None:
+    """The key on one line, or None when the line is malformed.
+
+    Raises:
+        LimitError: a well-formed rate or burst that is out of range.
+    """
     fields = line.split()
     if len(fields) < 2 or not ID_RE.match(fields[0]):
         return None
@@ -167,6 +185,8 @@ def _parse(line: str) -> ApiKey | None:
         burst = int(options["burst"]) if "burst" in options else None
     except ValueError:
         return None
-    if (rate is not None and rate < 0) or (burst is not None and burst < 1):
-        return None
+    if rate is not None:
+        check_rate(rate)
+    if burst is not None:
+        check_burst(burst)
     return ApiKey(fields[0], salt, digest, rate, burst)

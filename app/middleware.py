@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import re
 import time
@@ -17,7 +16,7 @@ from app.errors import ApiError
 from app.keys import KeyStore
 from app.logging import ACCESS_LOGGER
 from app.metrics import Metrics
-from app.ratelimit import RateLimiter
+from app.ratelimit import RateLimiter, retry_after
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -172,7 +171,7 @@ class Authenticator:
             raise ApiError(
                 "RATE_LIMITED",
                 f"rate limit of {rate:g} requests per second for this key exceeded",
-                {"Retry-After": str(max(1, math.ceil(wait)))},
+                {"Retry-After": retry_after(wait)},
             )
 
 

@@ -9,6 +9,7 @@ worker a request lands on, and a worker that dies mid-update releases its lock w
 from __future__ import annotations
 
 import fcntl
+import math
 import mmap
 import os
 import struct
@@ -16,6 +17,54 @@ import time
 from pathlib import Path
 
 SLOT = struct.calcsize("<dd")
+#: Slowest limited rate (requests per second): one request every 1000 s. Slower rates would
+#: tell clients to come back in days; 0 means unlimited instead.
+MIN_RATE = 0.001
+#: Fastest rate and largest burst: far above what one appliance serves.
+MAX_RATE = 1_000_000.0
+MAX_BURST = 1_000_000
+#: Longest Retry-After sent with a 429, in seconds (MIN_RATE needs at most 1000).
+MAX_RETRY_AFTER = 3600
+
+
+class LimitError(ValueError):
+    """A rate or burst outside its range; the message is one line naming the value."""
+
+
+def check_rate(rate: float, what: str = "rate") -> float:
+    """A per-key rate as given by an operator: 0 (unlimited) or MIN_RATE..MAX_RATE.
+
+    Args:
+        rate: Requests per second.
+        what: How the operator wrote it (``auth.rate``, ``--rate``), for the message.
+
+    Raises:
+        LimitError: not a finite number in range (NaN, infinities and negatives included).
+    """
+    if isinstance(rate, bool) or not isinstance(rate, int | float):
+        raise LimitError(f"{what} = {rate!r} is invalid: must be a number")
+    if not math.isfinite(rate) or not (rate == 0 or MIN_RATE <= rate <= MAX_RATE):
+        raise LimitError(
+            f"{what} = {rate!r} is invalid: must be 0 (unlimited) or between {MIN_RATE:g} "
+            f"and {MAX_RATE:g} requests per second"
+        )
+    return float(rate)
+
+
+def check_burst(burst: int, what: str = "burst") -> int:
+    """A per-key bucket size as given by an operator: 1..MAX_BURST requests.
+
+    Raises:
+        LimitError: not an integer in range.
+    """
+    if isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= MAX_BURST:
+        raise LimitError(f"{what} = {burst!r} is invalid: must be an integer from 1 to {MAX_BURST}")
+    return burst
+
+
+def retry_after(wait: float) -> str:
+    """The Retry-After header for a wait in seconds: whole seconds, 1..MAX_RETRY_AFTER."""
+    return str(min(MAX_RETRY_AFTER, max(1, math.ceil(wait))))
 
 
 def create_state(path: Path, slots: int) -> None:

@@ -9,6 +9,7 @@ message is one line naming the key.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tempfile
@@ -19,6 +20,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from app.ratelimit import LimitError, check_burst, check_rate
+
 DEFAULT_CONFIG_PATH = Path("/etc/onnx-appliance/appliance.toml")
 DEFAULT_MODEL_REPOSITORY = Path("/var/lib/onnx-appliance/models")
 ENV_PREFIX = "ONNX_APPLIANCE_"
@@ -26,7 +29,17 @@ ENV_PREFIX = "ONNX_APPLIANCE_"
 CONFIG_ENV = "ONNX_APPLIANCE_CONFIG"
 
 _ORIGIN_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:\d{1,5})?$")
-_BIND_RE = re.compile(r"^(unix:/.+|\[[0-9a-fA-F:]+\]:\d{1,5}|[A-Za-z0-9.-]+:\d{1,5})$")
+_BIND_RE = re.compile(r"^(unix:/.+|(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>\d{1,5}))$")
+#: Upper bounds of the settings (and of the same keys in a model.toml).
+THREADS_PER_CORE = 4
+MAX_REQUEST_THREADS = 256
+MAX_INLINE_RUN_US = 10_000_000
+MAX_WARMUP_RUNS = 1000
+MAX_BODY_BYTES = 1024 * 1024 * 1024
+MAX_BATCH_ROWS = 1_000_000
+MAX_TENSOR_ELEMENTS = 1 << 31
+MAX_TIMEOUT_MS = 3_600_000
+MAX_QUEUE = 100_000
 
 
 class SettingsError(Exception):
@@ -40,9 +53,13 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class ServerSettings(_Section):
     """How gunicorn runs the app.
 
+    Thread and process counts are bounded by ``THREADS_PER_CORE`` times the cores.
+
     Attributes:
-        bind: Addresses to listen on: ``host:port`` or ``unix:/path``. Loopback only by
-            default: NGINX is the only thing that should face the network.
+        bind: Addresses to listen on: ``host:port`` or ``unix:/path``. Loopback only
+            (``127.0.0.0/8``, ``::1``, ``localhost``) unless ``allow_non_loopback`` is set:
+            NGINX is the only thing that should face the network.
+        allow_non_loopback: Allow ``bind`` addresses other than loopback.
         workers: Worker processes; 0 means one per CPU core.
         worker_class: ``gevent`` (every connection a greenlet on the worker's one thread:
             no thread hand-offs, batching gathers from all of them), ``gthread`` (a pool of
@@ -78,6 +95,7 @@ class ServerSettings(_Section):
     """
 
     bind: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8000"])
+    allow_non_loopback: bool = False
     workers: int = 0
     worker_class: Literal["auto", "gthread", "sync", "gevent"] = "auto"
     threads: int = 0
@@ -124,6 +142,8 @@ class LimitsSettings(_Section):
             declared shape before anything is allocated.
         timeout_ms: Default deadline of a request from its arrival (at NGINX when it sends
             ``X-Request-Start``); a model.toml may change it, a client may only lower it.
+        body_timeout_ms: Longest time to receive a request's body once its headers are in;
+            a client that sends it slower gets 408 and its connection is closed.
         max_concurrency: Session runs of one model at once per worker; 0 means cores / workers.
         max_queue: Requests per model and worker that may wait for a run slot; more get 503.
     """
@@ -132,6 +152,7 @@ class LimitsSettings(_Section):
     max_batch_rows: int = 1024
     max_tensor_elements: int = 4 * 1024 * 1024
     timeout_ms: int = 30_000
+    body_timeout_ms: int = 30_000
     max_concurrency: int = 0
     max_queue: int = 64
 
@@ -143,8 +164,10 @@ class AuthSettings(_Section):
         keys_file: File of hashed keys managed by ``onnx-appliance keys``. When it holds at
             least one key, every route but health, readiness and metrics needs a key.
         required: Refuse to start when no key is configured (instead of serving openly).
-        rate: Default requests per second per key (a key's own rate wins); 0 = unlimited.
-        burst: Default bucket size per key: requests allowed at once after idling.
+        rate: Default requests per second per key (a key's own rate wins); 0 = unlimited,
+            else 0.001 to 1000000.
+        burst: Default bucket size per key: requests allowed at once after idling
+            (1 to 1000000).
     """
 
     keys_file: str = "/etc/onnx-appliance/api-keys"
@@ -255,42 +278,44 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
 
 
 def _check(settings: Settings, check_repository: bool) -> None:
-    s = settings.server
-    positive = {
-        "server.workers": (s.workers, 0),
-        "server.threads": (s.threads, 0),
-        "server.worker_connections": (s.worker_connections, 1),
-        "server.inline_run_us": (s.inline_run_us, 0),
-        "server.intra_op_threads": (s.intra_op_threads, 0),
-        "server.inter_op_threads": (s.inter_op_threads, 1),
-        "server.timeout": (s.timeout, 1),
-        "server.graceful_timeout": (s.graceful_timeout, 1),
-        "server.keepalive": (s.keepalive, 0),
-        "server.backlog": (s.backlog, 1),
-        "server.max_requests": (s.max_requests, 0),
-        "server.max_requests_jitter": (s.max_requests_jitter, 0),
-        "models.warmup_runs": (settings.models.warmup_runs, 0),
-        "limits.max_body_bytes": (settings.limits.max_body_bytes, 1),
-        "limits.max_batch_rows": (settings.limits.max_batch_rows, 1),
-        "limits.max_tensor_elements": (settings.limits.max_tensor_elements, 1),
-        "limits.timeout_ms": (settings.limits.timeout_ms, 1),
-        "limits.max_concurrency": (settings.limits.max_concurrency, 0),
-        "limits.max_queue": (settings.limits.max_queue, 0),
-        "server.reload_timeout": (s.reload_timeout, 1),
-        "auth.burst": (settings.auth.burst, 1),
+    s, limits = settings.server, settings.limits
+    threads = thread_limit()
+    bounds = {
+        "server.workers": (s.workers, 0, threads),
+        "server.threads": (s.threads, 0, MAX_REQUEST_THREADS),
+        "server.worker_connections": (s.worker_connections, 1, 100_000),
+        "server.inline_run_us": (s.inline_run_us, 0, MAX_INLINE_RUN_US),
+        "server.intra_op_threads": (s.intra_op_threads, 0, threads),
+        "server.inter_op_threads": (s.inter_op_threads, 1, threads),
+        "server.timeout": (s.timeout, 1, 86_400),
+        "server.graceful_timeout": (s.graceful_timeout, 1, 3600),
+        "server.keepalive": (s.keepalive, 0, 3600),
+        "server.backlog": (s.backlog, 1, 65_535),
+        "server.max_requests": (s.max_requests, 0, 1_000_000_000),
+        "server.max_requests_jitter": (s.max_requests_jitter, 0, 1_000_000_000),
+        "server.reload_timeout": (s.reload_timeout, 1, 3600),
+        "models.warmup_runs": (settings.models.warmup_runs, 0, MAX_WARMUP_RUNS),
+        "limits.max_body_bytes": (limits.max_body_bytes, 1, MAX_BODY_BYTES),
+        "limits.max_batch_rows": (limits.max_batch_rows, 1, MAX_BATCH_ROWS),
+        "limits.max_tensor_elements": (limits.max_tensor_elements, 1, MAX_TENSOR_ELEMENTS),
+        "limits.timeout_ms": (limits.timeout_ms, 1, MAX_TIMEOUT_MS),
+        "limits.body_timeout_ms": (limits.body_timeout_ms, 1, MAX_TIMEOUT_MS),
+        "limits.max_concurrency": (limits.max_concurrency, 0, threads),
+        "limits.max_queue": (limits.max_queue, 0, MAX_QUEUE),
     }
-    for key, (value, minimum) in positive.items():
-        if value < minimum:
-            raise SettingsError(f"{key} = {value} is invalid: must be at least {minimum}")
+    for key, (value, low, high) in bounds.items():
+        problem = out_of_range(key, value, low, high)
+        if problem:
+            raise SettingsError(problem)
+    try:
+        check_rate(settings.auth.rate, "auth.rate")
+        check_burst(settings.auth.burst, "auth.burst")
+    except LimitError as exc:
+        raise SettingsError(str(exc)) from None
     if not s.bind:
         raise SettingsError("server.bind is empty: give at least one address")
     for address in s.bind:
-        if not _BIND_RE.match(address):
-            raise SettingsError(
-                f"server.bind entry {address!r} is invalid: use host:port or unix:/absolute/path"
-            )
-    if settings.auth.rate < 0:
-        raise SettingsError(f"auth.rate = {settings.auth.rate} is invalid: must be at least 0")
+        _check_bind(address, s.allow_non_loopback)
     for origin in settings.cors.allow_origins:
         if not _ORIGIN_RE.match(origin):
             raise SettingsError(
@@ -301,6 +326,50 @@ def _check(settings: Settings, check_repository: bool) -> None:
     repo = Path(settings.models.repository)
     if check_repository and not repo.is_dir():
         raise SettingsError(f"models.repository {repo} does not exist or is not a directory")
+
+
+def _check_bind(address: str, allow_non_loopback: bool) -> None:
+    match = _BIND_RE.match(address)
+    if not match:
+        raise SettingsError(
+            f"server.bind entry {address!r} is invalid: use host:port or unix:/absolute/path"
+        )
+    if address.startswith("unix:"):
+        return
+    host, port = match.group("host").strip("[]"), int(match.group("port"))
+    if not 1 <= port <= 65_535:
+        raise SettingsError(f"server.bind entry {address!r} has port {port}: use 1 to 65535")
+    if not allow_non_loopback and not is_loopback(host):
+        raise SettingsError(
+            f"server.bind entry {address!r} is not a loopback address: NGINX is what faces "
+            "the network; set server.allow_non_loopback = true to listen there anyway"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind host is loopback without asking DNS: ``localhost`` or a loopback IP."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def out_of_range(key: str, value: int, low: int, high: int) -> str | None:
+    """The one-line complaint about ``key = value`` outside ``low..high``, or None."""
+    if low <= value <= high:
+        return None
+    return f"{key} = {value} is invalid: must be from {low} to {high}"
+
+
+def thread_limit() -> int:
+    """The most threads (or processes) any one thread-count setting may ask for.
+
+    A few per core is already more than helps; far more (100000, a typo) would try to start
+    them all and exhaust the host.
+    """
+    return THREADS_PER_CORE * cpu_count()
 
 
 def load_settings(
@@ -339,6 +408,7 @@ def load_settings(
             raise SettingsError(f"configuration file {file} cannot be read: {exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"configuration file {file} is not valid TOML: {exc}") from None
+        _anchor_paths(data, file.resolve().parent)
     _apply_env(data, env)
     for section, values in (overrides or {}).items():
         section_data = data.setdefault(section, {})
@@ -350,6 +420,26 @@ def load_settings(
         raise SettingsError(f"invalid setting: {_readable(str(exc))}") from None
     _check(settings, check_repository)
     return settings
+
+
+#: Settings that name a file or folder ("" meaning none); relative ones in the settings file
+#: are relative to the file's folder, not to wherever the command was started.
+PATH_KEYS = (
+    ("models", "repository"),
+    ("auth", "keys_file"),
+    ("server", "runtime_dir"),
+    ("server", "pidfile"),
+    ("server", "control_socket"),
+    ("metrics", "multiproc_dir"),
+)
+
+
+def _anchor_paths(data: dict[str, Any], folder: Path) -> None:
+    for section, key in PATH_KEYS:
+        values = data.get(section)
+        value = values.get(key) if isinstance(values, dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            values[key] = str(folder / value)  # type: ignore[index]
 
 
 def _readable(message: str) -> str:

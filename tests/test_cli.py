@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from app.settings import thread_limit
 from tests import onnx_factory
 from tests.conftest import DEMO_MODELS
 
@@ -79,7 +83,7 @@ def test_serve_refuses_bad_settings_in_one_line(
 
 def test_serve_refuses_a_repository_with_escaping_data(tmp_path: Path) -> None:
     onnx_factory.save(onnx_factory.with_external_data("/etc/passwd"), tmp_path, "evil")
-    result = run("serve", "--model-dir", str(tmp_path), "--bind", "127.0.0.1:0")
+    result = run("serve", "--model-dir", str(tmp_path), "--bind", "127.0.0.1:8000")
     assert result.returncode == 2
     assert "external data" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -87,3 +91,120 @@ def test_serve_refuses_a_repository_with_escaping_data(tmp_path: Path) -> None:
 
 def test_version() -> None:
     assert run("version").stdout.startswith("onnx-appliance ")
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        ["--burst", "0"],
+        ["--burst", "-5"],
+        ["--rate", "-1"],
+        ["--rate", "nan"],
+        ["--rate", "inf"],
+        ["--rate", "1e-320"],
+    ],
+)
+def test_keys_add_refuses_limits_that_would_break_the_next_start(
+    tmp_path: Path, limit: list[str]
+) -> None:
+    keys = tmp_path / "api-keys"
+    assert run("keys", "--file", str(keys), "add", "good").returncode == 0
+    before = keys.read_text()
+    result = run("keys", "--file", str(keys), "add", "typo", *limit)
+    assert result.returncode == 2
+    assert result.stdout == ""  # no key printed: none was made
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "is invalid" in result.stderr
+    assert keys.read_text() == before
+    listing = run("keys", "--file", str(keys), "list")
+    assert listing.returncode == 0
+    assert listing.stdout.startswith("good\t")
+
+
+def test_check_config_validates_a_settings_file_with_the_servers_code(tmp_path: Path) -> None:
+    path = tmp_path / "appliance.toml"
+    path.write_text('[models]\nrepository = "models-not-there-yet"\n[auth]\nrate = 5.0\n')
+    ok = run("check-config", str(path))
+    assert ok.returncode == 0, ok.stderr
+    for bad, fragment in (
+        ("[auth]\nrate = nan\n", "auth.rate"),
+        ("[server]\nintra_op_threads = 100000\n", "server.intra_op_threads"),
+        ('[server]\nbind = ["0.0.0.0:80"]\n', "loopback"),
+    ):
+        path.write_text(bad)
+        result = run("check-config", str(path))
+        assert result.returncode == 2
+        assert fragment in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_check_shows_the_traffic_split_instead_of_a_default(tmp_path: Path) -> None:
+    shutil.copytree(DEMO_MODELS / "tabular", tmp_path / "tabular")
+    (tmp_path / "tabular" / "model.toml").write_text('traffic = {"1" = 90, "2" = 10}\n')
+    result = run("check", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "tabular version 1 (traffic 90%): ready" in result.stdout
+    assert "tabular version 2 (traffic 10%): ready" in result.stdout
+    assert "(default)" not in result.stdout
+
+
+@pytest.mark.parametrize("folder", ["0", "abc", "01", "-1"])
+def test_check_refuses_a_folder_that_is_not_a_version(tmp_path: Path, folder: str) -> None:
+    shutil.copytree(DEMO_MODELS / "regression", tmp_path / "regression")
+    shutil.copytree(DEMO_MODELS / "regression" / "1", tmp_path / "regression" / folder)
+    result = run("check", str(tmp_path))
+    assert result.returncode == 2
+    assert f"folder {folder!r} that is not a version" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_check_refuses_thread_counts_beyond_the_bound(tmp_path: Path) -> None:
+    shutil.copytree(DEMO_MODELS / "regression", tmp_path / "regression")
+    (tmp_path / "regression" / "model.toml").write_text("intra_op_threads = 100000\n")
+    result = run("check", str(tmp_path), timeout=30)
+    assert result.returncode == 2
+    assert f"intra_op_threads = 100000 is invalid: must be from 1 to {thread_limit()}" in (
+        result.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("bind", "fragment"),
+    [
+        ("127.0.0.1:99999", "port 99999"),
+        ("0.0.0.0:8000", "not a loopback address"),
+        ("[::]:8000", "not a loopback address"),
+        ("example.com:8000", "not a loopback address"),
+    ],
+)
+def test_serve_refuses_bad_bind_addresses_in_one_line(bind: str, fragment: str) -> None:
+    result = run("serve", "--model-dir", str(DEMO_MODELS), "--bind", bind, timeout=30)
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_says_in_one_line_when_it_cannot_listen(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        result = run("serve", "--model-dir", str(DEMO_MODELS), "--bind", f"127.0.0.1:{port}")
+        took = time.monotonic() - start
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"onnx-appliance: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+    )
+    assert took < 5  # gunicorn alone retries for five seconds
+    config = tmp_path / "appliance.toml"
+    config.write_text(
+        f'[server]\nallow_non_loopback = true\nbind = ["no-such-host.invalid:8000"]\n'
+        f'[models]\nrepository = "{DEMO_MODELS}"\n'
+    )
+    result = run("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "onnx-appliance: error: cannot listen on no-such-host.invalid:8000: "
+    )
+    assert len(result.stderr.strip().splitlines()) == 1

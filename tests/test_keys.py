@@ -46,7 +46,6 @@ def test_missing_file_means_no_keys(tmp_path: Path) -> None:
         "CI sha256$00$" + "00" * 32,
         "ci sha256$00$" + "00" * 32 + " rate=fast",
         "ci sha256$00$" + "00" * 32 + " colour=red",
-        "ci sha256$00$" + "00" * 32 + " burst=0",
     ],
 )
 def test_malformed_lines_are_refused_with_their_number(tmp_path: Path, line: str) -> None:
@@ -68,3 +67,40 @@ def test_duplicate_ids_are_refused(tmp_path: Path) -> None:
 def test_bad_ids(key_id: str) -> None:
     with pytest.raises(KeyFileError):
         new_key(key_id)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ("burst=0", "burst = 0"),
+        ("burst=-5", "burst = -5"),
+        ("rate=-1", "rate = -1.0"),
+        ("rate=nan", "rate = nan"),
+        ("rate=1e-320", "rate = 1e-320"),
+    ],
+)
+def test_out_of_range_limits_are_refused_with_their_line(
+    tmp_path: Path, extra: str, fragment: str
+) -> None:
+    path = tmp_path / "api-keys"
+    path.write_text("# comment\n\n" + "ci sha256$00$" + "00" * 32 + f" {extra}\n")
+    with pytest.raises(KeyFileError, match="line 3") as info:
+        KeyStore.load(path)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst"), [(None, 0), (None, -5), (-1.0, None), (float("nan"), None), (1e-320, None)]
+)
+def test_new_keys_refuse_limits_the_file_could_not_hold(
+    rate: float | None, burst: int | None
+) -> None:
+    with pytest.raises(KeyFileError, match="is invalid"):
+        new_key("ci", rate, burst)
+
+
+def test_every_new_key_reads_back(tmp_path: Path) -> None:
+    path = tmp_path / "api-keys"
+    records = [new_key(f"k{i}", rate, 7)[0] for i, rate in enumerate([0, 0.001, 0.0012345678, 1e6])]
+    KeyStore({r.id: r for r in records}).save(path)
+    assert [k.rate for k in KeyStore.load(path).keys.values()] == [0, 0.001, 0.00123457, 1e6]

@@ -6,7 +6,19 @@ import multiprocessing
 import time
 from pathlib import Path
 
-from app.ratelimit import RateLimiter, create_state
+import pytest
+
+from app.ratelimit import (
+    MAX_BURST,
+    MAX_RETRY_AFTER,
+    MIN_RATE,
+    LimitError,
+    RateLimiter,
+    check_burst,
+    check_rate,
+    create_state,
+    retry_after,
+)
 
 
 def test_burst_then_refill(tmp_path: Path) -> None:
@@ -46,3 +58,38 @@ def test_limit_holds_across_processes(tmp_path: Path) -> None:
     total = sum(out.get(timeout=5) for _ in procs)
     # 50/s for about one second plus a burst of 5, whatever the number of processes.
     assert 40 <= total <= 70, total
+
+
+@pytest.mark.parametrize("rate", [0, 0.001, 2.5, 100, 1_000_000])
+def test_rates_in_range_are_taken(rate: float) -> None:
+    assert check_rate(rate) == rate
+
+
+@pytest.mark.parametrize(
+    "rate", [-1, float("nan"), float("inf"), -float("inf"), 1e-320, 1e-300, 0.0009, 1e7, True, "5"]
+)
+def test_rates_out_of_range_are_refused_in_one_line(rate: object) -> None:
+    with pytest.raises(LimitError) as info:
+        check_rate(rate, "--rate")  # type: ignore[arg-type]
+    assert str(info.value).startswith("--rate = ")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("burst", [0, -5, 1_000_001, 2.0, True])
+def test_bursts_out_of_range_are_refused(burst: object) -> None:
+    with pytest.raises(LimitError, match="burst"):
+        check_burst(burst)  # type: ignore[arg-type]
+    assert check_burst(1) == 1
+    assert check_burst(MAX_BURST) == MAX_BURST
+
+
+def test_retry_after_is_whole_seconds_within_bounds(tmp_path: Path) -> None:
+    assert retry_after(0.01) == "1"
+    assert retry_after(2.2) == "3"
+    assert retry_after(1e300) == str(MAX_RETRY_AFTER)
+    path = tmp_path / "rl.bin"
+    create_state(path, 1)
+    limiter = RateLimiter(path)
+    limiter.take(0, MIN_RATE, 1)
+    # The slowest rate allowed asks for at most 1000 s, inside the bound.
+    assert int(retry_after(limiter.take(0, MIN_RATE, 1))) == 1000

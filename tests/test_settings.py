@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from app.settings import SettingsError, load_settings
+from app.settings import SettingsError, cpu_count, load_settings, thread_limit
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -43,8 +43,10 @@ def test_file_env_and_overrides_layer(tmp_path: Path) -> None:
 
 
 def test_intra_op_threads_default_is_cores_over_workers(tmp_path: Path) -> None:
+    workers = 2 * cpu_count()
     s = load_settings(
-        write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n[server]\nworkers = 64\n'), env={}
+        write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n[server]\nworkers = {workers}\n'),
+        env={},
     )
     assert s.effective_intra_op_threads() == 1
 
@@ -60,6 +62,21 @@ def test_intra_op_threads_default_is_cores_over_workers(tmp_path: Path) -> None:
         ("[server]\nworker_connections = 0\n", {}, "server.worker_connections"),
         ("[server]\ninline_run_us = -1\n", {}, "server.inline_run_us"),
         ('[server]\nbind = ["0.0.0.0"]\n', {}, "server.bind"),
+        ('[server]\nbind = ["0.0.0.0:8000"]\n', {}, "not a loopback address"),
+        ('[server]\nbind = ["192.168.1.10:8000"]\n', {}, "not a loopback address"),
+        ('[server]\nbind = ["127.0.0.1:0"]\n', {}, "use 1 to 65535"),
+        ('[server]\nbind = ["[::1]:65536"]\n', {}, "use 1 to 65535"),
+        ("[server]\nintra_op_threads = 100000\n", {}, "server.intra_op_threads = 100000"),
+        ("[server]\ninter_op_threads = 100000\n", {}, "server.inter_op_threads"),
+        ("[server]\nworkers = 100000\n", {}, "server.workers"),
+        ("[server]\nthreads = 100000\n", {}, "server.threads"),
+        ("[limits]\nmax_concurrency = 100000\n", {}, "limits.max_concurrency"),
+        ("[limits]\nbody_timeout_ms = 0\n", {}, "limits.body_timeout_ms"),
+        ("[auth]\nrate = nan\n", {}, "auth.rate = nan"),
+        ("[auth]\nrate = -1.0\n", {}, "auth.rate"),
+        ("[auth]\nrate = 1e-320\n", {}, "auth.rate"),
+        ("[auth]\nburst = 0\n", {}, "auth.burst = 0"),
+        ("", {"ONNX_APPLIANCE_AUTH__RATE": "inf"}, "auth.rate = inf"),
         ("[limits]\nmax_body_bytes = 0\n", {}, "limits.max_body_bytes"),
         ("[server\n", {}, "not valid TOML"),
         ("", {"ONNX_APPLIANCE_SERVER__WORKERS": "many"}, "server.workers"),
@@ -130,3 +147,42 @@ def test_worker_model_follows_the_repository(tmp_path: Path) -> None:
         env={},
     )
     assert worker_model(sync, build_repository(sync)) == ("sync", 1)
+
+
+def test_loopback_binds_are_allowed_and_others_need_the_opt_in(tmp_path: Path) -> None:
+    loopback = '["127.0.0.2:8000", "[::1]:8000", "localhost:8000", "unix:/run/a.sock"]'
+    base = f'[models]\nrepository = "{tmp_path}"\n[server]\n'
+    assert load_settings(write(tmp_path, base + f"bind = {loopback}\n"), env={}).server.bind
+    public = base + 'bind = ["0.0.0.0:8000"]\nallow_non_loopback = true\n'
+    assert load_settings(write(tmp_path, public), env={}).server.bind == ["0.0.0.0:8000"]
+
+
+def test_relative_paths_in_the_file_are_relative_to_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = tmp_path / "etc"
+    (conf / "models").mkdir(parents=True)
+    path = conf / "appliance.toml"
+    path.write_text(
+        '[models]\nrepository = "models"\n[auth]\nkeys_file = "api-keys"\n'
+        '[server]\npidfile = "run/app.pid"\n'
+    )
+    monkeypatch.chdir(tmp_path)  # anywhere but the file's folder
+    s = load_settings(Path("etc/appliance.toml"), env={})
+    assert s.models.repository == str(conf / "models")
+    assert s.auth.keys_file == str(conf / "api-keys")
+    assert s.server.pidfile == str(conf / "run" / "app.pid")
+    assert s.server.runtime_dir == ""  # "" keeps meaning "choose one"
+    # From the command line or the environment a relative path is the caller's, as usual.
+    s = load_settings(path, env={}, overrides={"models": {"repository": "etc/models"}})
+    assert s.models.repository == "etc/models"
+
+
+def test_thread_bound_follows_the_cores(tmp_path: Path) -> None:
+    base = f'[models]\nrepository = "{tmp_path}"\n[server]\n'
+    limit = thread_limit()
+    assert limit == 4 * cpu_count()
+    ok = load_settings(write(tmp_path, base + f"intra_op_threads = {limit}\n"), env={})
+    assert ok.server.intra_op_threads == limit
+    with pytest.raises(SettingsError, match=f"must be from 0 to {limit}"):
+        load_settings(write(tmp_path, base + f"intra_op_threads = {limit + 1}\n"), env={})

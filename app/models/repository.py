@@ -22,11 +22,21 @@ from app.models.batching import BatchingOptions
 from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
 from app.models.onnx import InferenceObserver, OnnxModel, RuntimeOptions
 from app.models.onnx_proto import ProtoError, external_data_locations, looks_like_model
+from app.settings import (
+    MAX_BATCH_ROWS,
+    MAX_INLINE_RUN_US,
+    MAX_QUEUE,
+    MAX_TIMEOUT_MS,
+    MAX_WARMUP_RUNS,
+    out_of_range,
+    thread_limit,
+)
 
 log = structlog.get_logger(__name__)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+MAX_VERSION = 999_999_999
 MODEL_FILE = "model.onnx"
 MODEL_CONFIG = "model.toml"
 
@@ -53,10 +63,14 @@ class BatchingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             RepositoryError: a value out of range.
         """
         where = f"model {model!r}: {MODEL_CONFIG}: batching"
-        if self.max_batch_size < 1 or self.max_queue < 1 or self.max_queue_delay_us < 0:
-            raise RepositoryError(
-                f"{where}: max_batch_size and max_queue must be >= 1 and max_queue_delay_us >= 0"
-            )
+        for key, value, low, high in (
+            ("max_batch_size", self.max_batch_size, 1, MAX_BATCH_ROWS),
+            ("max_queue", self.max_queue, 1, MAX_QUEUE),
+            ("max_queue_delay_us", self.max_queue_delay_us, 0, 1_000_000),
+        ):
+            problem = out_of_range(key, value, low, high)
+            if problem:
+                raise RepositoryError(f"{where}: {problem}")
         bad = [n for n in self.preferred_batch_sizes if not 1 <= n <= self.max_batch_size]
         if bad:
             raise RepositoryError(
@@ -334,8 +348,15 @@ def _scan_model(
         ),
     )
     for version_dir in sorted(model_dir.iterdir()):
-        if not version_dir.is_dir() or not VERSION_RE.match(version_dir.name):
+        if not version_dir.is_dir() or version_dir.name.startswith("."):
             continue
+        if not VERSION_RE.match(version_dir.name):
+            # Skipping it would never serve what the operator meant as a new version.
+            raise RepositoryError(
+                f"model {name!r} has a folder {version_dir.name!r} that is not a version: "
+                "version folders are positive integers without leading zeros (1, 2, ...); "
+                "rename or remove it (folders starting with '.' are ignored)"
+            )
         if not _inside(version_dir, model_dir):
             raise RepositoryError(
                 f"model {name!r} version folder {version_dir.name!r} leads outside the model folder"
@@ -382,21 +403,23 @@ def _read_config(model_dir: Path) -> ModelConfig:
         ) from None
     except msgspec.ValidationError as exc:
         raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {exc}") from None
-    for key in (
-        "intra_op_threads",
-        "inter_op_threads",
-        "max_batch_rows",
-        "default_version",
-        "timeout_ms",
-        "max_concurrency",
-    ):
+    threads = thread_limit()
+    bounds = {
+        "intra_op_threads": (1, threads),
+        "inter_op_threads": (1, threads),
+        "max_batch_rows": (1, MAX_BATCH_ROWS),
+        "default_version": (1, MAX_VERSION),
+        "timeout_ms": (1, MAX_TIMEOUT_MS),
+        "max_concurrency": (1, threads),
+        "warmup_runs": (0, MAX_WARMUP_RUNS),
+        "max_queue": (0, MAX_QUEUE),
+        "inline_run_us": (0, MAX_INLINE_RUN_US),
+    }
+    for key, (low, high) in bounds.items():
         value = getattr(config, key)
-        if value is not None and value < 1:
-            raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {key} must be >= 1")
-    for key in ("warmup_runs", "max_queue", "inline_run_us"):
-        value = getattr(config, key)
-        if value is not None and value < 0:
-            raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {key} must be >= 0")
+        problem = None if value is None else out_of_range(key, value, low, high)
+        if problem:
+            raise RepositoryError(f"model {model_dir.name!r}: {MODEL_CONFIG}: {problem}")
     return config
 
 

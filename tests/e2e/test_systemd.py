@@ -28,6 +28,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "onnx_appliance_config_dir": "/etc/onnx-appliance",
         "onnx_appliance_models_dir": "/var/lib/onnx-appliance/models",
         "onnx_appliance_graceful_timeout": 30,
+        "onnx_appliance_tasks_max": 4096,
     }
     for unit in UNITS:
         (out / unit).write_text(render(ROOT / "systemd" / f"{unit}.j2", **variables))

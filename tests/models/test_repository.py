@@ -32,7 +32,8 @@ def test_demo_repository_layout() -> None:
 def test_newest_version_is_default(tmp_path: Path) -> None:
     for version in (1, 3, 10):
         onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "m", version)
-    (tmp_path / "m" / "notes").mkdir()  # non-numeric folders are not versions
+    (tmp_path / "m" / ".ipynb_checkpoints").mkdir()  # hidden folders are not versions
+    (tmp_path / "m" / "README.md").write_text("files beside the versions are left alone")
     (tmp_path / ".hidden").mkdir()
     (tmp_path / "README.txt").write_text("not a model")
     repo = scan(tmp_path)
@@ -70,7 +71,11 @@ def test_unknown_names(name: str) -> None:
         ("default_version = 7\n", "default_version 7 does not exist"),
         ("intra_op_threads = 0\n", "intra_op_threads"),
         ("warmup_runs = -1\n", "warmup_runs"),
-        ("inline_run_us = -1\n", "inline_run_us must be >= 0"),
+        ("inline_run_us = -1\n", "inline_run_us = -1 is invalid: must be from 0 to"),
+        ("intra_op_threads = 100000\n", "intra_op_threads = 100000 is invalid"),
+        ("inter_op_threads = 100000\n", "inter_op_threads = 100000 is invalid"),
+        ("max_concurrency = 100000\n", "max_concurrency = 100000 is invalid"),
+        ("timeout_ms = 100000000\n", "timeout_ms = 100000000 is invalid"),
         ("labels = 3\n", "labels"),
         ("default_version = \n", "unreadable"),
     ],
@@ -100,6 +105,9 @@ def test_per_model_limits_and_threads(tmp_path: Path) -> None:
         ("no_model_file", "has no model.onnx"),
         ("bad_name", "invalid name"),
         ("corrupt", "not a readable ONNX model"),
+        ("zero", "folder '0' that is not a version"),
+        ("leading_zero", "folder '01' that is not a version"),
+        ("word", "folder 'v2' that is not a version"),
     ],
 )
 def test_bad_layouts(tmp_path: Path, layout: str, fragment: str) -> None:
@@ -109,6 +117,10 @@ def test_bad_layouts(tmp_path: Path, layout: str, fragment: str) -> None:
         (tmp_path / "m" / "1").mkdir(parents=True)
     elif layout == "bad_name":
         onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "bad name")
+    elif layout in ("zero", "leading_zero", "word"):
+        onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "m", 1)
+        folder = {"zero": "0", "leading_zero": "01", "word": "v2"}[layout]
+        shutil.copytree(tmp_path / "m" / "1", tmp_path / "m" / folder)
     elif layout == "corrupt":
         (tmp_path / "m" / "1").mkdir(parents=True)
         (tmp_path / "m" / "1" / "model.onnx").write_bytes(b"\x08\x07garbage" * 10)
@@ -197,6 +209,7 @@ def test_default_model_must_exist() -> None:
     [
         ("[batching]\nmax_batch_size = 0\n", "max_batch_size"),
         ("[batching]\nmax_queue_delay_us = -1\n", "max_queue_delay_us"),
+        ("[batching]\nmax_queue = 10000000\n", "max_queue = 10000000 is invalid"),
         ("[batching]\nmax_batch_size = 8\npreferred_batch_sizes = [16]\n", "outside"),
         ("[batching]\nmax_batch = 8\n", "max_batch"),
     ],
