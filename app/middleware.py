@@ -17,14 +17,15 @@ from app.keys import KeyStore
 from app.logging import ACCESS_LOGGER
 from app.metrics import Metrics
 from app.ratelimit import RateLimiter, retry_after
+from app.resources.health import LIVE_PATHS, READY_PATHS
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
-# Probes and scrapes arrive every few seconds; log them only at debug level.
-_QUIET_ROUTES = frozenset(
-    {"/v2/health/live", "/v2/health/ready", "/healthz", "/readyz", "/metrics"}
-)
+#: Routes anyone may call: probes for load balancers and orchestrators, and the scrape
+#: (NGINX restricts /metrics to its allow-list). They arrive every few seconds, so they are
+#: logged only at debug level when they succeed.
+OPEN_PATHS = frozenset({*LIVE_PATHS, *READY_PATHS, "/metrics"})
 
 log = structlog.get_logger(ACCESS_LOGGER)
 
@@ -108,7 +109,7 @@ class RequestContext:
             self._children[key] = children
         children[0].inc()
         children[1].observe(duration)
-        emit = log.debug if route in _QUIET_ROUTES and status < 400 else log.info
+        emit = log.debug if route in OPEN_PATHS and status < 400 else log.info
         emit(
             "request",
             method=method,
@@ -119,11 +120,6 @@ class RequestContext:
             version=ctx.version or None,
             key_id=ctx.key_id or None,
         )
-
-
-#: Routes anyone may call: probes for load balancers and orchestrators, and the scrape
-#: (NGINX restricts /metrics to its allow-list).
-OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready", "/healthz", "/readyz", "/metrics"})
 
 
 class Authenticator:

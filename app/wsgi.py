@@ -13,7 +13,13 @@ from app.middleware import Authenticator, RequestContext
 from app.models.onnx import RuntimeOptions
 from app.models.repository import Repository
 from app.ratelimit import RateLimiter
-from app.resources.health import LiveResource, ReadyResource, ServerResource
+from app.resources.health import (
+    LIVE_PATHS,
+    READY_PATHS,
+    LiveResource,
+    ReadyResource,
+    ServerResource,
+)
 from app.resources.metrics import MetricsResource
 from app.resources.openapi import OpenApiResource
 from app.resources.v1 import ModelStatusResource, PredictResource
@@ -70,10 +76,10 @@ def create_app(
     predict = PredictResource(repository, limits)
 
     app.add_route("/v2", ServerResource())
-    app.add_route("/v2/health/live", live)
-    app.add_route("/v2/health/ready", ready)
-    app.add_route("/healthz", live)
-    app.add_route("/readyz", ready)
+    for path in LIVE_PATHS:
+        app.add_route(path, live)
+    for path in READY_PATHS:
+        app.add_route(path, ready)
     app.add_route("/v2/models/{model}", models)
     app.add_route("/v2/models/{model}/ready", models, suffix="ready")
     app.add_route("/v2/models/{model}/infer", models, suffix="infer")

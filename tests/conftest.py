@@ -61,6 +61,7 @@ def extra_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     onnx_factory.save(onnx_factory.identity_all_types(), root, "all_types")
     onnx_factory.save(onnx_factory.fixed_shape(), root, "fixed")
     onnx_factory.save(onnx_factory.two_inputs(), root, "two_inputs")
+    onnx_factory.save(onnx_factory.features_to_result(), root, "plain")
     shutil.copytree(DEMO_MODELS / "tabular", root / "tabular")
     return root
 

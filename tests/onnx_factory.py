@@ -66,6 +66,21 @@ def fixed_shape() -> onnx.ModelProto:
     )
 
 
+def features_to_result() -> onnx.ModelProto:
+    """A plain /predict service's model: float ``features`` [-1, 3] -> ``result`` [-1, 1],
+    the features weighted by 0.5, 0.25 and 0.125 (sums exact in float32)."""
+    weights = numpy_helper.from_array(np.array([[0.5], [0.25], [0.125]], dtype=np.float32), "w")
+    return _model(
+        helper.make_graph(
+            [helper.make_node("MatMul", ["features", "w"], ["result"])],
+            "features_to_result",
+            [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 3])],
+            [helper.make_tensor_value_info("result", TensorProto.FLOAT, ["batch", 1])],
+            initializer=[weights],
+        )
+    )
+
+
 def two_inputs() -> onnx.ModelProto:
     """a: float [-1, 3], b: float [-1, 3] -> sum: a + b, diff: a - b."""
     return _model(

@@ -16,7 +16,7 @@ from app.resources.openapi import build_spec
 from app.settings import Settings
 from app.wsgi import create_app
 
-OPEN = {"/v2/health/live", "/v2/health/ready", "/healthz", "/readyz", "/metrics"}
+OPEN = {"/v2/health/live", "/v2/health/ready", "/healthz", "/health", "/readyz", "/metrics"}
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]
 GOOD = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}
 RECORD, TOKEN = new_key("ci")

@@ -11,6 +11,10 @@ from app.protocols.v2 import EXTENSIONS
 from app.resources.common import send_json
 
 SERVER_NAME = "onnx-appliance"
+#: Liveness paths: the protocol's, and the two that load balancers and clients probe.
+LIVE_PATHS = ("/v2/health/live", "/healthz", "/health")
+#: Readiness paths.
+READY_PATHS = ("/v2/health/ready", "/readyz")
 
 
 class ServerResource:
@@ -22,7 +26,7 @@ class ServerResource:
 
 
 class LiveResource:
-    """``GET /v2/health/live`` and ``/healthz``: 200 whenever the process answers."""
+    """``GET /v2/health/live``, ``/healthz`` and ``/health``: 200 whenever the process answers."""
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Report liveness."""

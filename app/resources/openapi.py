@@ -9,6 +9,7 @@ import orjson
 
 from app import __version__
 from app.errors import STATUS_BY_CODE
+from app.middleware import OPEN_PATHS
 from app.models.signature import DATATYPE_TO_NUMPY
 
 _JSON = "application/json"
@@ -27,8 +28,15 @@ _ERRORS = {
     "401": _error("Missing or wrong API key while keys are configured (UNAUTHENTICATED)."),
     "404": _error("Unknown model or version (MODEL_NOT_FOUND)."),
     "405": _error("Method not allowed on this route (METHOD_NOT_ALLOWED)."),
+    "408": _error(
+        "The body did not arrive within limits.body_timeout_ms (REQUEST_TIMEOUT); the "
+        "connection is closed."
+    ),
     "413": _error("Body, batch or tensor over the configured limit (PAYLOAD_TOO_LARGE)."),
-    "415": _error("Content-Type other than JSON or binary tensor data (UNSUPPORTED_MEDIA_TYPE)."),
+    "415": _error(
+        "Content-Type other than JSON or binary tensor data, or a Content-Encoding other "
+        "than gzip or identity (UNSUPPORTED_MEDIA_TYPE)."
+    ),
     "500": _error("Unexpected failure; details are in the server log (INTERNAL)."),
     "429": _error("The API key's rate limit is exhausted (RATE_LIMITED); Retry-After is set."),
     "503": _error(
@@ -288,6 +296,7 @@ def build_spec() -> dict[str, Any]:
             )
         },
         "/healthz": {"get": _op("Liveness (alias)", "Live", errors=health)},
+        "/health": {"get": _op("Liveness (alias)", "Live", errors=health)},
         "/readyz": {"get": _op("Readiness (alias)", "Ready", errors={"503": _ERRORS["503"]})},
         **_model_routes("/v2/models/{model}", [_MODEL], "default version"),
         **_model_routes(
@@ -350,6 +359,7 @@ def build_spec() -> dict[str, Any]:
             }
         },
     }
+    _add_common_statuses(paths)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -368,6 +378,26 @@ def build_spec() -> dict[str, Any]:
         # Keys are needed only once the operator configures some; health and metrics never.
         "security": [{"bearer": []}, {"apiKey": []}, {}],
     }
+
+
+def _add_common_statuses(paths: dict[str, Any]) -> None:
+    """Statuses that every operation of a kind can answer, whatever its own errors.
+
+    Every route but the open ones answers 401 without a valid key and 429 past the key's
+    rate once keys are configured; every operation with a body can be malformed, slow,
+    too large or of a type or encoding not read here.
+    """
+    for path, operations in paths.items():
+        for operation in operations.values():
+            responses = operation["responses"]
+            codes = ["500"]
+            if path not in OPEN_PATHS:
+                codes += ["401", "429"]
+            if "requestBody" in operation:
+                codes += ["400", "408", "413", "415"]
+            for code in codes:
+                responses.setdefault(code, _ERRORS[code])
+            operation["responses"] = dict(sorted(responses.items()))
 
 
 class OpenApiResource:

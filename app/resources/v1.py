@@ -23,7 +23,8 @@ _TF_STATES = {"READY": "AVAILABLE", "LOADING": "LOADING", "UNAVAILABLE": "UNAVAI
 
 
 class PredictResource:
-    """``instances`` in, ``predictions`` out, for a named model or the default one.
+    """Predictions for a named model or the default one, in the three body forms of
+    :mod:`app.protocols.v1` (rows, columns, one row keyed by input names).
 
     Args:
         repository: The models.
@@ -45,10 +46,10 @@ class PredictResource:
         require_media_type(req, JSON_TYPES)
         served = resolve(req, self._repository, model or self._repository.default_model, version)
         body = read_body(req, self._limits.max_body_bytes)
-        inputs = v1.parse_instances(parse_json(body), served, self._limits.max_batch_rows)
+        form, inputs = v1.parse_predict(parse_json(body), served, self._limits.max_batch_rows)
         results = served.predict(inputs, deadline=deadline(req, served))
         resp.set_header("X-Model-Version", served.version_str)
-        send_json(resp, v1.encode_predictions(served, results))
+        send_json(resp, v1.encode_predict(served, form, results))
 
     on_post_versioned = on_post
 

@@ -111,3 +111,94 @@ def test_unknown_model(client: TestClient) -> None:
         "MODEL_NOT_FOUND",
     )
     assert_error(client.simulate_get("/v1/models/nope"), 404, "MODEL_NOT_FOUND")
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/models/plain:predict", "/v1/models/plain/versions/1:predict"]
+)
+def test_one_row_keyed_by_input_names_answers_unbatched(
+    extra_client: TestClient, path: str
+) -> None:
+    result = extra_client.simulate_post(path, json={"features": [1.0, 2.0, 4.0]})
+    assert result.status_code == 200, result.text
+    assert result.json == {"result": 1.5}  # 0.5 + 0.5 + 0.5, exact in float32
+
+
+def test_one_row_of_a_multi_output_model_is_keyed_by_output_names(client: TestClient) -> None:
+    rows = client.simulate_post("/predict", json={"instances": ROWS[:1]}).json["predictions"][0]
+    result = client.simulate_post("/predict", json={"input": ROWS[0]})
+    assert result.status_code == 200, result.text
+    assert result.json == rows  # {"label": ..., "probabilities": [...]}
+    assert result.headers["X-Model-Version"] == "2"
+
+
+def test_one_text_row_needs_no_trailing_dimension(client: TestClient) -> None:
+    result = client.simulate_post(
+        "/v1/models/sentiment:predict", json={"text": "the staff were friendly and kind"}
+    )
+    assert result.status_code == 200, result.text
+    assert result.json["label"] == "positive"
+    assert len(result.json["probabilities"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({"features": [1.0, 2.0]}, "has shape [1, 2] but model 'plain' expects [-1, 3]"),
+        ({"features": [1.0, 2.0, 3.0, 4.0]}, "has shape [1, 4]"),
+        ({"features": ["a", "b", "c"]}, "elements must be numbers"),
+        ({"features": [1.0, 2.0, 3.0], "extra": 1}, "unknown keys ['extra', 'features']"),
+        ({"feature": [1.0, 2.0, 3.0]}, "one row keyed by the input names ['features']"),
+        ({}, "request body must be a JSON object"),
+        ([1.0, 2.0, 3.0], "request body must be a JSON object"),
+    ],
+)
+def test_bad_single_rows_get_the_usual_400(
+    extra_client: TestClient, body: object, fragment: str
+) -> None:
+    result = extra_client.simulate_post("/v1/models/plain:predict", json=body)
+    assert_error(result, 400, "INVALID_INPUT")
+    assert fragment in result.json["error"]
+
+
+def test_columnar_inputs_answer_columnar_outputs(
+    client: TestClient, extra_client: TestClient
+) -> None:
+    rows = client.simulate_post("/predict", json={"instances": ROWS}).json["predictions"]
+    for body in (
+        {"inputs": ROWS},
+        {"inputs": {"input": ROWS}, "signature_name": "serving_default"},
+    ):
+        result = client.simulate_post("/predict", json=body)
+        assert result.status_code == 200, result.text
+        assert result.json["outputs"] == {
+            "label": [r["label"] for r in rows],
+            "probabilities": [r["probabilities"] for r in rows],
+        }
+        assert result.json["model_version"] == "2"
+    single = extra_client.simulate_post(
+        "/v1/models/plain:predict", json={"inputs": [[1.0, 2.0, 4.0], [4.0, 0.0, 0.0]]}
+    )
+    assert single.json["outputs"] == [[1.5], [2.0]]  # one output: the tensor itself
+    several = extra_client.simulate_post(
+        "/v1/models/two_inputs:predict",
+        json={"inputs": {"a": [[1, 2, 3]], "b": [[1, 1, 1]]}},
+    )
+    assert several.json["outputs"] == {"sum": [[2.0, 3.0, 4.0]], "diff": [[0.0, 1.0, 2.0]]}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"inputs": {"a": [[1, 2, 3]]}}, 400, "exactly the keys ['a', 'b']"),
+        ({"inputs": [[1, 2, 3]]}, 400, "exactly the keys ['a', 'b']"),
+        ({"inputs": {"a": [[1, 2]], "b": [[1, 2]]}}, 400, "has shape [1, 2]"),
+        ({"inputs": {"a": [[1, 2, 3]] * 65, "b": [[1, 2, 3]] * 65}}, 413, "the limit is 64"),
+    ],
+)
+def test_bad_columnar_bodies(
+    extra_client: TestClient, body: object, status: int, fragment: str
+) -> None:
+    result = extra_client.simulate_post("/v1/models/two_inputs:predict", json=body)
+    assert_error(result, status, "INVALID_INPUT" if status == 400 else "PAYLOAD_TOO_LARGE")
+    assert fragment in result.json["error"]

@@ -34,7 +34,7 @@ class TestServerRoutes:
         assert doc["name"] == "onnx-appliance"
         assert "binary_tensor_data" in doc["extensions"]
 
-    @pytest.mark.parametrize("path", ["/v2/health/live", "/healthz"])
+    @pytest.mark.parametrize("path", ["/v2/health/live", "/healthz", "/health"])
     def test_live(self, client: TestClient, path: str) -> None:
         assert client.simulate_get(path).json == {"live": True}
 
