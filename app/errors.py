@@ -22,25 +22,39 @@ STATUS_BY_CODE: dict[str, int] = {
     "INVALID_INPUT": 400,
     "INFERENCE_FAILED": 400,
     "UNAUTHENTICATED": 401,
+    "FORBIDDEN": 403,
     "MODEL_NOT_FOUND": 404,
     "NOT_FOUND": 404,
     "METHOD_NOT_ALLOWED": 405,
+    "REQUEST_TIMEOUT": 408,
     "PAYLOAD_TOO_LARGE": 413,
+    "URI_TOO_LONG": 414,
     "UNSUPPORTED_MEDIA_TYPE": 415,
+    "EXPECTATION_FAILED": 417,
     "RATE_LIMITED": 429,
+    "HEADERS_TOO_LARGE": 431,
     "INTERNAL": 500,
+    "NOT_IMPLEMENTED": 501,
     "OVERLOADED": 503,
     "MODEL_NOT_READY": 503,
     "TIMEOUT": 504,
 }
-_CODE_BY_STATUS = {
+#: The code for a status that Falcon or gunicorn produce themselves.
+CODE_BY_STATUS = {
     400: "INVALID_INPUT",
     401: "UNAUTHENTICATED",
+    403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT",
     413: "PAYLOAD_TOO_LARGE",
+    414: "URI_TOO_LONG",
     415: "UNSUPPORTED_MEDIA_TYPE",
+    417: "EXPECTATION_FAILED",
     429: "RATE_LIMITED",
+    431: "HEADERS_TOO_LARGE",
+    500: "INTERNAL",
+    501: "NOT_IMPLEMENTED",
     503: "OVERLOADED",
     504: "TIMEOUT",
 }
@@ -100,7 +114,7 @@ def handle_http_error(
 ) -> None:
     """Render Falcon's own errors (404 route, 405 method...) in the same JSON shape."""
     status = ex.status_code
-    code = _CODE_BY_STATUS.get(status, "INTERNAL" if status >= 500 else "INVALID_INPUT")
+    code = CODE_BY_STATUS.get(status, "INTERNAL" if status >= 500 else "INVALID_INPUT")
     message = ex.description or ex.title or "error"
     if status == 404:
         message = "no such route"

@@ -66,7 +66,11 @@ class ServingState:
 
 
 # gunicorn's name (or import path) of each worker class setting.
-WORKER_CLASSES = {"gevent": "app.workers.GeventWorker", "gthread": "gthread", "sync": "sync"}
+WORKER_CLASSES = {
+    "gevent": "app.workers.GeventWorker",
+    "gthread": "app.workers.ThreadWorker",
+    "sync": "app.workers.SyncWorker",
+}
 
 
 def worker_model(settings: Settings, repository: Repository) -> tuple[str, int]:
@@ -334,7 +338,7 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Any:
         """Load and warm up the models in this worker, then build the app."""
-        from app.wsgi import create_app
+        from app.wsgi import closing_connections, create_app
 
         state = self.state
         metrics = Metrics()
@@ -350,7 +354,9 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
         metrics.models_loaded.set(sum(1 for _ in repository.models()))
         limiter = RateLimiter(state.limiter_path) if state.limiter_path else None
         log.info("worker_ready", models=repository.names, generation=state.generation)
-        return create_app(state.settings, repository, metrics, state.keys, limiter)
+        return closing_connections(
+            create_app(state.settings, repository, metrics, state.keys, limiter)
+        )
 
     def run(self) -> None:
         """Listen, then run our arbiter until the master is told to stop.

@@ -14,6 +14,8 @@ import os
 import sys
 import threading
 import time
+import warnings
+from pathlib import PurePath
 from typing import Any, BinaryIO
 
 import orjson
@@ -179,6 +181,24 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # Python's warnings print two plain lines with a source path; here they are log lines.
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    structlog.get_logger("py.warnings").warning(
+        "python_warning",
+        category=category.__name__,
+        message=str(message),
+        where=f"{PurePath(filename).name}:{lineno}",
+    )
 
 
 def stdlib_formatter(fmt: str = "json") -> logging.Formatter:

@@ -86,3 +86,24 @@ def test_queued_lines_are_written_at_exit() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert [json.loads(x)["n"] for x in result.stderr.splitlines()] == [0, 1, 2]
+
+
+def test_python_warnings_are_one_json_line_each() -> None:
+    code = textwrap.dedent("""
+        import warnings
+        import numpy as np
+        from app.logging import configure_logging
+        configure_logging("info", "json")
+        np.array([1e39]).astype(np.float32)  # numpy's RuntimeWarning
+        warnings.warn("something odd", UserWarning)
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [(x["event"], x["category"], x["level"]) for x in lines] == [
+        ("python_warning", "RuntimeWarning", "warning"),
+        ("python_warning", "UserWarning", "warning"),
+    ]
+    assert lines[0]["message"] == "overflow encountered in cast"
+    assert lines[1]["where"] == "<string>:7"

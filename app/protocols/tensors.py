@@ -99,7 +99,14 @@ def coerce(name: str, raw: np.ndarray, datatype: str, source: Any = None) -> np.
             return _python_ints(name, source, datatype, info).reshape(raw.shape)
         if raw.min() < info.min or raw.max() > info.max:
             raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}")
-    return raw.astype(target, copy=False)
+        return raw.astype(target, copy=False)
+    try:
+        # A narrowing cast (1e39 to FP32, 70000 to FP16) would make infinity of what it
+        # cannot hold (JSON itself has none).
+        with np.errstate(over="raise"):
+            return raw.astype(target, copy=False)
+    except FloatingPointError:
+        raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}") from None
 
 
 def _python_ints(name: str, source: Any, datatype: str, info: Any) -> np.ndarray:

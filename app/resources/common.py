@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 import time
+import zlib
 from typing import Any
 
 import falcon
@@ -11,10 +15,16 @@ import orjson
 from app.errors import ApiError
 from app.models.onnx import OnnxModel
 from app.models.repository import Repository
+from app.models.scheduling import WATCHDOG
+from app.settings import LimitsSettings
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 JSON_TYPES = frozenset({"application/json", ""})
 BINARY_TYPE = "application/octet-stream"
+#: WSGI environ key that asks for the connection to be closed after the answer.
+CLOSE_CONNECTION = "onnx_appliance.close_connection"
+_ENCODINGS = frozenset({"identity", "gzip", "x-gzip"})
+_CHUNK = 1 << 20
 
 
 def media_type(req: falcon.Request) -> str:
@@ -36,21 +46,124 @@ def require_media_type(req: falcon.Request, allowed: frozenset[str]) -> None:
         )
 
 
-def read_body(req: falcon.Request, limit: int) -> bytes:
-    """Read the whole body, refusing more than ``limit`` bytes without buffering them.
+def read_body(req: falcon.Request, limits: LimitsSettings) -> bytes:
+    """Read the whole body, decoded, within the size cap and the body timeout.
+
+    Bodies with a Content-Length and chunked ones are read alike, never more than
+    ``max_body_bytes`` of them (before and after gzip decoding) and for no longer than
+    ``body_timeout_ms`` in all. A refused body leaves the rest unread, so the connection is
+    closed after the answer instead of being drained for the next request.
 
     Raises:
-        ApiError: PAYLOAD_TOO_LARGE.
+        ApiError: PAYLOAD_TOO_LARGE, REQUEST_TIMEOUT, UNSUPPORTED_MEDIA_TYPE (an encoding
+            other than gzip or identity), INVALID_INPUT (a body labelled gzip that is not).
     """
+    limit = limits.max_body_bytes
+    encoding = (req.get_header("Content-Encoding") or "identity").strip().lower()
+    if encoding not in _ENCODINGS:
+        close_connection(req)
+        raise ApiError(
+            "UNSUPPORTED_MEDIA_TYPE",
+            f"Content-Encoding {encoding!r} is not supported here; send gzip or identity",
+        )
     declared = req.content_length
     if declared is not None and declared > limit:
+        close_connection(req)
         raise ApiError(
             "PAYLOAD_TOO_LARGE", f"request body of {declared} bytes is over the limit of {limit}"
         )
-    data: bytes = req.bounded_stream.read(limit + 1)
-    if len(data) > limit:
+    # bounded_stream stops at Content-Length; without one (chunked) the server's own stream
+    # ends with the body.
+    stream = req.bounded_stream if declared is not None else req.stream
+    data = _read_within(req, stream, limit, limits.body_timeout_ms / 1000)
+    return data if encoding == "identity" else _gunzip(data, limit)
+
+
+def _read_within(req: falcon.Request, stream: Any, limit: int, timeout: float) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    failed = False
+    sock = req.env.get("gunicorn.socket")
+    cutoff = _CutOff(sock) if sock is not None else None
+    token = WATCHDOG.watch(time.monotonic() + timeout, cutoff) if cutoff is not None else 0
+    try:
+        while size <= limit:
+            data: bytes = stream.read(min(_CHUNK, limit + 1 - size))
+            if not data:
+                break
+            chunks.append(data)
+            size += len(data)
+    except Exception:  # gunicorn's reader: a malformed chunk, or a body cut off mid-way
+        failed = True
+    finally:
+        if token:
+            WATCHDOG.done(token)
+    if cutoff is not None and cutoff.fired:
+        close_connection(req)
+        raise ApiError(
+            "REQUEST_TIMEOUT",
+            f"the request body did not arrive within {timeout:g} s; the connection is closed",
+        )
+    if failed:
+        close_connection(req)
+        raise ApiError("INVALID_INPUT", "the request body is malformed or ended early")
+    if size > limit:
+        close_connection(req)
         raise ApiError("PAYLOAD_TOO_LARGE", f"request body is over the limit of {limit} bytes")
-    return data
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class _CutOff:
+    """Ends a body read at its deadline, whatever the worker class and however the client
+    trickles: the deadline watchdog sets ``terminate`` (as on onnxruntime's RunOptions), and
+    this shuts the connection's reading side, so the blocked read returns at once.
+
+    The shutdown goes through a duplicate of the descriptor: the watchdog is an OS thread,
+    and a gevent socket object must only be used from its own hub's thread.
+    """
+
+    __slots__ = ("_sock", "fired")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self.fired = False
+
+    @property
+    def terminate(self) -> bool:
+        """Whether the deadline passed."""
+        return self.fired
+
+    @terminate.setter
+    def terminate(self, value: bool) -> None:
+        self.fired = True
+        with contextlib.suppress(OSError, ValueError):
+            fd = self._sock.fileno()
+            with socket.socket(fileno=os.dup(fd)) as dup:
+                dup.shutdown(socket.SHUT_RD)
+
+
+def _gunzip(data: bytes, limit: int) -> bytes:
+    decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        body = decoder.decompress(data, limit + 1)
+    except zlib.error:
+        raise ApiError(
+            "INVALID_INPUT", "the request body is labelled gzip but is not gzip data"
+        ) from None
+    if len(body) > limit:
+        raise ApiError(
+            "PAYLOAD_TOO_LARGE", f"the decoded request body is over the limit of {limit} bytes"
+        )
+    if not decoder.eof or decoder.unused_data:
+        raise ApiError(
+            "INVALID_INPUT", "the gzip request body is truncated or has data after its end"
+        )
+    return body
+
+
+def close_connection(req: falcon.Request) -> None:
+    """Close the connection after this answer (see :func:`app.wsgi.closing_connections`)."""
+    req.env[CLOSE_CONNECTION] = True
 
 
 def resolve(

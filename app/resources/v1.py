@@ -45,7 +45,7 @@ class PredictResource:
         """Predict with the model in the path, or the default model for ``/predict``."""
         require_media_type(req, JSON_TYPES)
         served = resolve(req, self._repository, model or self._repository.default_model, version)
-        body = read_body(req, self._limits.max_body_bytes)
+        body = read_body(req, self._limits)
         form, inputs = v1.parse_predict(parse_json(body), served, self._limits.max_batch_rows)
         results = served.predict(inputs, deadline=deadline(req, served))
         resp.set_header("X-Model-Version", served.version_str)

@@ -57,7 +57,7 @@ class ModelsResource:
         require_media_type(req, _INFER_TYPES)
         served = resolve(req, self._repository, model, version)
         header_length = _header_length(req)
-        body = read_body(req, self._limits.max_body_bytes)
+        body = read_body(req, self._limits)
         request = v2.parse_infer(body, header_length, served, self._limits.max_tensor_elements)
         due = deadline(req, served, request.timeout)
         results = served.predict(request.inputs, request.outputs, due)
@@ -90,7 +90,7 @@ class RepositoryIndexResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """List the repository; ``{"ready": true}`` keeps only ready versions."""
         require_media_type(req, JSON_TYPES)
-        body = read_body(req, self._limits.max_body_bytes)
+        body = read_body(req, self._limits)
         only_ready = False
         if body.strip():
             doc = v2.parse_json(body)
