@@ -66,7 +66,10 @@ def test_concurrent_requests_merge_and_each_gets_its_own_rows() -> None:
     for feed, result in zip(feeds, results, strict=True):
         expected = reference.run(None, feed)[0]
         assert result["logits"].shape == expected.shape
-        np.testing.assert_allclose(result["logits"], expected, rtol=1e-5, atol=1e-5)
+        # A merged batch may take another GEMM kernel than one request alone, summing each
+        # 1024-term dot product in another order: two float32 orders differ by about
+        # sqrt(1024) * 2**-24 of the terms' size (~30 here), 2e-5; 1e-4 leaves room for that.
+        np.testing.assert_allclose(result["logits"], expected, rtol=1e-4, atol=1e-4)
     rows = [r for _, r, _ in recorder.batches]
     assert sum(rows) == sum(f["input"].shape[0] for f in feeds)
     assert max(rows) > 3, rows  # requests were merged
