@@ -11,6 +11,11 @@ Usage::
     python loadtests/bench.py                 # full run (about half an hour)
     python loadtests/bench.py --smoke         # one short run per configuration, checked
     python loadtests/bench.py --only appliance fastapi --duration 5 --rounds 1
+    python loadtests/bench.py --baseline main~3 --only appliance appliance-baseline
+
+``--baseline REV`` adds ``appliance-baseline``: the appliance's code at git revision REV (a
+worktree under ``bench/cache``, run with this checkout's virtual environment), so a change's
+effect on the hot path is measured against its parent in the same run.
 
 Peers are installed with ``uv`` into ``bench/cache`` on first use; one that cannot be installed
 is skipped with a message. Results go to ``bench/results/<date>.json`` and ``.md``.
@@ -160,6 +165,7 @@ CONFIGS = [
     Config("appliance-batched"),
     Config("appliance-gthread"),
     Config("appliance-nginx"),
+    Config("appliance-baseline"),
 ]
 
 
@@ -380,6 +386,15 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
         if config.name == "appliance-gthread":
             cmd += ["--worker-class", "gthread"]
         cwd = ROOT
+        if config.name == "appliance-baseline":
+            # The same command with the baseline's package first on the path.
+            cwd = baseline_tree()
+            env["PYTHONPATH"] = str(cwd)
+            cmd[0:1] = [
+                str(ours / "python"),
+                "-c",
+                "import sys; from app.cli import main; sys.exit(main())",
+            ]
     log_file = workdir / f"{config.name}.log"
     with log_file.open("ab") as out:
         started = time.monotonic()
@@ -511,9 +526,30 @@ def worker_memory(running: Running) -> tuple[float, float]:
     return round(rss, 1), round(pss, 1)
 
 
+#: The git revision ``appliance-baseline`` runs (set from --baseline).
+BASELINE: dict[str, str] = {}
+
+
+def baseline_tree() -> Path:
+    """A worktree of the baseline revision under bench/cache (made once per commit)."""
+    commit = BASELINE["commit"]
+    tree_ = CACHE / f"baseline-{commit[:12]}"
+    if not (tree_ / "app").is_dir():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--force", "--detach", str(tree_), commit],
+            check=True,
+            capture_output=True,
+        )
+    return tree_
+
+
 def compile_bytecode() -> None:
     """Compile our code and venv as an installed package has it (pip compiles at install)."""
-    for tree_ in (ROOT / "app", PEERS, Path(sys.prefix) / "lib"):
+    trees = [ROOT / "app", PEERS, Path(sys.prefix) / "lib"]
+    if BASELINE:
+        trees.append(baseline_tree() / "app")
+    for tree_ in trees:
         subprocess.run(
             [sys.executable, "-m", "compileall", "-q", "-j0", str(tree_)],
             check=False,
@@ -856,7 +892,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--only", nargs="+", help="configurations to run")
     parser.add_argument("--workloads", nargs="+", help="workloads to run")
+    parser.add_argument(
+        "--baseline", metavar="REV", help="also run the appliance at this git revision"
+    )
     args = parser.parse_args(argv)
+    if args.baseline:
+        found = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--verify", f"{args.baseline}^{{commit}}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if found.returncode:
+            parser.error(f"--baseline {args.baseline!r} is not a git revision here")
+        BASELINE["commit"] = found.stdout.strip()
+    else:
+        CONFIGS[:] = [c for c in CONFIGS if c.name != "appliance-baseline"]
     if args.smoke:
         args.rounds, args.duration, args.concurrency = 1, 1.0, [4]
         args.workloads = args.workloads or ["tabular_b1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from falcon.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from app import __version__
 from app.metrics import Metrics
 from app.wsgi import build_repository, create_app
 from tests.conftest import DEMO_MODELS, make_settings
@@ -63,7 +64,7 @@ def test_requests_and_inferences_are_counted() -> None:
         == 3
     )
     assert got[("onnx_appliance_requests_in_flight", frozenset())] == 1  # the scrape itself
-    assert got[("onnx_appliance_build_info", frozenset({("version", "0.1.0")}))] == 1
+    assert got[("onnx_appliance_build_info", frozenset({("version", __version__)}))] == 1
 
 
 def test_metrics_route_can_be_switched_off() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from app import __version__
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "packaging"))
@@ -139,7 +140,9 @@ def _playbook(rootfs: Path, *extra: str) -> subprocess.CompletedProcess[str]:
         "nginx_site_server_name": "appliance.test",
         "nginx_site_ipv6": False,
         "nginx_site_metrics_allow": ["192.0.2.1"],
-        "onnx_appliance_artifact": str(rootfs.parent / "dist" / "onnx-appliance-0.1.0.tar.gz"),
+        "onnx_appliance_artifact": str(
+            rootfs.parent / "dist" / f"onnx-appliance-{__version__}.tar.gz"
+        ),
     }
     env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", ANSIBLE_NOCOLOR="1")
     return subprocess.run(
@@ -165,7 +168,7 @@ def _playbook(rootfs: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 def provisioned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     work = tmp_path_factory.mktemp("appliance")
     artifact = dist.build(work / "dist")
-    assert artifact.name == "onnx-appliance-0.1.0.tar.gz"
+    assert artifact.name == f"onnx-appliance-{__version__}.tar.gz"
     rootfs = work / "rootfs"
     subprocess.run(["cp", "-a", str(_base_rootfs()), str(rootfs)], check=True, timeout=600)
     first = _playbook(rootfs)
