@@ -1,140 +1,147 @@
-"""Every failure as ``{"error", "error_code", "request_id"}`` JSON with the right status.
+"""The appliance's error vocabulary: one code per kind of failure, and its status per front.
 
-Domain errors carry a stable code; this module maps codes to HTTP statuses. Falcon's own
-errors (unknown route, wrong method) and anything unexpected are rendered the same way; an
-unexpected exception is logged with its traceback and the client sees only a generic 500.
+Every failure a client can see carries an :class:`ErrorCode`. The serving layer raises
+:class:`ApplianceError` subclasses with a code; each front maps the code through its table
+(:data:`HTTP_STATUS` for REST and NGINX's own error pages, :data:`GRPC_STATUS` for gRPC). Every
+code is in every table, so there is no fallback to a default status.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
-from typing import Any
-
-import falcon
-import orjson
-import structlog
-
-from app.models.errors import ServingError
-
-log = structlog.get_logger(__name__)
-
-STATUS_BY_CODE: dict[str, int] = {
-    "INVALID_INPUT": 400,
-    "INFERENCE_FAILED": 400,
-    "UNAUTHENTICATED": 401,
-    "FORBIDDEN": 403,
-    "MODEL_NOT_FOUND": 404,
-    "NOT_FOUND": 404,
-    "METHOD_NOT_ALLOWED": 405,
-    "REQUEST_TIMEOUT": 408,
-    "PAYLOAD_TOO_LARGE": 413,
-    "URI_TOO_LONG": 414,
-    "UNSUPPORTED_MEDIA_TYPE": 415,
-    "EXPECTATION_FAILED": 417,
-    "RATE_LIMITED": 429,
-    "HEADERS_TOO_LARGE": 431,
-    "INTERNAL": 500,
-    "NOT_IMPLEMENTED": 501,
-    "OVERLOADED": 503,
-    "MODEL_NOT_READY": 503,
-    "TIMEOUT": 504,
-}
-#: The code for a status that Falcon or gunicorn produce themselves.
-CODE_BY_STATUS = {
-    400: "INVALID_INPUT",
-    401: "UNAUTHENTICATED",
-    403: "FORBIDDEN",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    408: "REQUEST_TIMEOUT",
-    413: "PAYLOAD_TOO_LARGE",
-    414: "URI_TOO_LONG",
-    415: "UNSUPPORTED_MEDIA_TYPE",
-    417: "EXPECTATION_FAILED",
-    429: "RATE_LIMITED",
-    431: "HEADERS_TOO_LARGE",
-    500: "INTERNAL",
-    501: "NOT_IMPLEMENTED",
-    503: "OVERLOADED",
-    504: "TIMEOUT",
-}
-#: Seconds a client should wait before retrying a 503.
-RETRY_AFTER_SECONDS = "1"
+from types import MappingProxyType
 
 
-class ApiError(Exception):
-    """An HTTP-level failure outside the serving layer (body too large, bad media type).
+class ErrorCode(enum.StrEnum):
+    """Stable codes, sent as ``error_code`` in every error body."""
+
+    INVALID_INPUT = "INVALID_INPUT"
+    INFERENCE_FAILED = "INFERENCE_FAILED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    FORBIDDEN = "FORBIDDEN"
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    NOT_FOUND = "NOT_FOUND"
+    METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
+    REQUEST_TIMEOUT = "REQUEST_TIMEOUT"
+    PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+    URI_TOO_LONG = "URI_TOO_LONG"
+    UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
+    EXPECTATION_FAILED = "EXPECTATION_FAILED"
+    RATE_LIMITED = "RATE_LIMITED"
+    HEADERS_TOO_LARGE = "HEADERS_TOO_LARGE"
+    INTERNAL = "INTERNAL"
+    NOT_IMPLEMENTED = "NOT_IMPLEMENTED"
+    OVERLOADED = "OVERLOADED"
+    MODEL_NOT_READY = "MODEL_NOT_READY"
+    TIMEOUT = "TIMEOUT"
+
+
+_E = ErrorCode
+
+#: The HTTP status of every code.
+HTTP_STATUS: Mapping[ErrorCode, int] = MappingProxyType(
+    {
+        _E.INVALID_INPUT: 400,
+        _E.INFERENCE_FAILED: 400,
+        _E.UNAUTHENTICATED: 401,
+        _E.FORBIDDEN: 403,
+        _E.MODEL_NOT_FOUND: 404,
+        _E.NOT_FOUND: 404,
+        _E.METHOD_NOT_ALLOWED: 405,
+        _E.REQUEST_TIMEOUT: 408,
+        _E.PAYLOAD_TOO_LARGE: 413,
+        _E.URI_TOO_LONG: 414,
+        _E.UNSUPPORTED_MEDIA_TYPE: 415,
+        _E.EXPECTATION_FAILED: 417,
+        _E.RATE_LIMITED: 429,
+        _E.HEADERS_TOO_LARGE: 431,
+        _E.INTERNAL: 500,
+        _E.NOT_IMPLEMENTED: 501,
+        _E.OVERLOADED: 503,
+        _E.MODEL_NOT_READY: 503,
+        _E.TIMEOUT: 504,
+    }
+)
+
+#: The gRPC status (``grpc.StatusCode`` member name) of every code.
+GRPC_STATUS: Mapping[ErrorCode, str] = MappingProxyType(
+    {
+        _E.INVALID_INPUT: "INVALID_ARGUMENT",
+        _E.INFERENCE_FAILED: "INVALID_ARGUMENT",
+        _E.UNAUTHENTICATED: "UNAUTHENTICATED",
+        _E.FORBIDDEN: "PERMISSION_DENIED",
+        _E.MODEL_NOT_FOUND: "NOT_FOUND",
+        _E.NOT_FOUND: "UNIMPLEMENTED",
+        _E.METHOD_NOT_ALLOWED: "UNIMPLEMENTED",
+        _E.REQUEST_TIMEOUT: "DEADLINE_EXCEEDED",
+        _E.PAYLOAD_TOO_LARGE: "RESOURCE_EXHAUSTED",
+        _E.URI_TOO_LONG: "INVALID_ARGUMENT",
+        _E.UNSUPPORTED_MEDIA_TYPE: "INVALID_ARGUMENT",
+        _E.EXPECTATION_FAILED: "FAILED_PRECONDITION",
+        _E.RATE_LIMITED: "RESOURCE_EXHAUSTED",
+        _E.HEADERS_TOO_LARGE: "RESOURCE_EXHAUSTED",
+        _E.INTERNAL: "INTERNAL",
+        _E.NOT_IMPLEMENTED: "UNIMPLEMENTED",
+        _E.OVERLOADED: "UNAVAILABLE",
+        _E.MODEL_NOT_READY: "UNAVAILABLE",
+        _E.TIMEOUT: "DEADLINE_EXCEEDED",
+    }
+)
+
+#: The code for an HTTP status that Falcon or gunicorn produce on their own.
+CODE_FOR_HTTP_STATUS: Mapping[int, ErrorCode] = MappingProxyType(
+    {
+        400: _E.INVALID_INPUT,
+        401: _E.UNAUTHENTICATED,
+        403: _E.FORBIDDEN,
+        404: _E.NOT_FOUND,
+        405: _E.METHOD_NOT_ALLOWED,
+        408: _E.REQUEST_TIMEOUT,
+        413: _E.PAYLOAD_TOO_LARGE,
+        414: _E.URI_TOO_LONG,
+        415: _E.UNSUPPORTED_MEDIA_TYPE,
+        417: _E.EXPECTATION_FAILED,
+        429: _E.RATE_LIMITED,
+        431: _E.HEADERS_TOO_LARGE,
+        500: _E.INTERNAL,
+        501: _E.NOT_IMPLEMENTED,
+        503: _E.OVERLOADED,
+        504: _E.TIMEOUT,
+    }
+)
+
+
+def code_for_http_status(status: int) -> ErrorCode:
+    """The code for a status produced outside the app's own code (Falcon, gunicorn).
+
+    A status not in :data:`CODE_FOR_HTTP_STATUS` is a client error (INVALID_INPUT) below 500
+    and INTERNAL from 500 on; the answer then carries that code's status.
+    """
+    return CODE_FOR_HTTP_STATUS.get(status, _E.INVALID_INPUT if status < 500 else _E.INTERNAL)
+
+
+class ApplianceError(Exception):
+    """A failure the client is told about: a stable code and a message written for it.
+
+    Messages never contain a file path, a traceback or an internal identifier.
 
     Args:
-        code: Stable error code; its status comes from :data:`STATUS_BY_CODE`.
         message: Human message for the client.
-        headers: Extra response headers.
+        code: Overrides the class's code.
+        headers: Extra response headers (``Retry-After``, ``WWW-Authenticate``...).
     """
 
-    def __init__(self, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(
+        self,
+        message: str,
+        code: ErrorCode | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
-        self.code = code
         self.message = message
+        if code is not None:
+            self.code = code
         self.headers = dict(headers or {})
-
-
-def render_error(
-    req: falcon.Request,
-    resp: falcon.Response,
-    status: int,
-    code: str,
-    message: str,
-    headers: Mapping[str, str] | None = None,
-) -> None:
-    """Write the error body and status onto ``resp``."""
-    resp.status = status
-    resp.content_type = falcon.MEDIA_JSON
-    request_id = getattr(req.context, "request_id", "")
-    resp.data = orjson.dumps({"error": message, "error_code": code, "request_id": request_id})
-    if status == 503 and not (headers and "Retry-After" in headers):
-        resp.set_header("Retry-After", RETRY_AFTER_SECONDS)
-    for name, value in (headers or {}).items():
-        resp.set_header(name, value)
-
-
-def handle_serving_error(
-    req: falcon.Request, resp: falcon.Response, ex: ServingError, params: Any
-) -> None:
-    """Map a domain error to its status."""
-    render_error(req, resp, STATUS_BY_CODE.get(ex.code, 500), ex.code, ex.message)
-
-
-def handle_api_error(req: falcon.Request, resp: falcon.Response, ex: ApiError, params: Any) -> None:
-    """Render an HTTP-level error raised by a resource or middleware."""
-    render_error(req, resp, STATUS_BY_CODE.get(ex.code, 500), ex.code, ex.message, ex.headers)
-
-
-def handle_http_error(
-    req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: Any
-) -> None:
-    """Render Falcon's own errors (404 route, 405 method...) in the same JSON shape."""
-    status = ex.status_code
-    code = CODE_BY_STATUS.get(status, "INTERNAL" if status >= 500 else "INVALID_INPUT")
-    message = ex.description or ex.title or "error"
-    if status == 404:
-        message = "no such route"
-    elif status == 405:
-        allowed = dict(ex.headers or {}).get("Allow", "")
-        message = f"method {req.method} is not allowed here; allowed: {allowed}"
-    render_error(req, resp, status, code, message, dict(ex.headers or {}))
-
-
-def handle_unexpected(
-    req: falcon.Request, resp: falcon.Response, ex: Exception, params: Any
-) -> None:
-    """Log the traceback for the operator; tell the client only that it failed."""
-    log.exception("unhandled_error", error_type=type(ex).__name__)
-    render_error(req, resp, 500, "INTERNAL", "internal error; the request id is in the logs")
-
-
-def install(app: falcon.App[Any, Any]) -> None:
-    """Register the handlers (Falcon picks the most specific class for each exception)."""
-    app.add_error_handler(Exception, handle_unexpected)
-    app.add_error_handler(falcon.HTTPError, handle_http_error)
-    app.add_error_handler(ServingError, handle_serving_error)
-    app.add_error_handler(ApiError, handle_api_error)

@@ -12,11 +12,12 @@ from typing import Any
 import falcon
 import structlog
 
-from app.errors import ApiError
+from app.errors import ErrorCode
 from app.keys import KeyStore
 from app.logging import ACCESS_LOGGER
 from app.metrics import Metrics
 from app.ratelimit import RateLimiter, retry_after
+from app.resources.errors import ApiError
 from app.resources.health import LIVE_PATHS, READY_PATHS
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -152,7 +153,7 @@ class Authenticator:
         key = self._keys.verify(token) if token else None
         if key is None:
             raise ApiError(
-                "UNAUTHENTICATED",
+                ErrorCode.UNAUTHENTICATED,
                 "a valid API key is required: send Authorization: Bearer <key> or X-API-Key",
                 {"WWW-Authenticate": 'Bearer realm="onnx-appliance"'},
             )
@@ -165,7 +166,7 @@ class Authenticator:
         wait = self._limiter.take(self._keys.slots[key.id], rate, burst)
         if wait > 0:
             raise ApiError(
-                "RATE_LIMITED",
+                ErrorCode.RATE_LIMITED,
                 f"rate limit of {rate:g} requests per second for this key exceeded",
                 {"Retry-After": retry_after(wait)},
             )

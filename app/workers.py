@@ -39,7 +39,7 @@ from gunicorn.workers.ggevent import GeventWorker as _GunicornGeventWorker
 from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
 from gunicorn.workers.sync import SyncWorker as _GunicornSyncWorker
 
-from app.errors import CODE_BY_STATUS
+from app.errors import code_for_http_status
 from app.middleware import REQUEST_ID_HEADER, request_id_from
 
 log = structlog.get_logger(__name__)
@@ -90,7 +90,7 @@ class JsonErrors:
         header = REQUEST_ID_HEADER.upper()
         presented = next((v for k, v in getattr(req, "headers", ()) if k == header), None)
         request_id = request_id_from(presented)
-        code = CODE_BY_STATUS.get(status, "INVALID_INPUT")
+        code = code_for_http_status(status)
         if status >= 500:
             # Details for the operator only; the client learns that it failed.
             log.error("unhandled_error", error=repr(exc), request_id=request_id, exc_info=exc)

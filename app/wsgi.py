@@ -7,13 +7,13 @@ from typing import Any
 
 import falcon
 
-from app import errors
 from app.keys import KeyStore
 from app.metrics import Metrics
 from app.middleware import Authenticator, RequestContext
 from app.models.onnx import RuntimeOptions
 from app.models.repository import Repository
 from app.ratelimit import RateLimiter
+from app.resources import errors
 from app.resources.common import CLOSE_CONNECTION
 from app.resources.health import (
     LIVE_PATHS,

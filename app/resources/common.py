@@ -12,10 +12,11 @@ from typing import Any
 import falcon
 import orjson
 
-from app.errors import ApiError
+from app.errors import ErrorCode
 from app.models.onnx import OnnxModel
 from app.models.repository import Repository
 from app.models.scheduling import WATCHDOG
+from app.resources.errors import ApiError
 from app.settings import LimitsSettings
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
@@ -42,7 +43,8 @@ def require_media_type(req: falcon.Request, allowed: frozenset[str]) -> None:
     if mt not in allowed:
         kinds = ", ".join(sorted(t for t in allowed if t))
         raise ApiError(
-            "UNSUPPORTED_MEDIA_TYPE", f"Content-Type {mt!r} is not supported here; send {kinds}"
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type {mt!r} is not supported here; send {kinds}",
         )
 
 
@@ -63,14 +65,15 @@ def read_body(req: falcon.Request, limits: LimitsSettings) -> bytes:
     if encoding not in _ENCODINGS:
         close_connection(req)
         raise ApiError(
-            "UNSUPPORTED_MEDIA_TYPE",
+            ErrorCode.UNSUPPORTED_MEDIA_TYPE,
             f"Content-Encoding {encoding!r} is not supported here; send gzip or identity",
         )
     declared = req.content_length
     if declared is not None and declared > limit:
         close_connection(req)
         raise ApiError(
-            "PAYLOAD_TOO_LARGE", f"request body of {declared} bytes is over the limit of {limit}"
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"request body of {declared} bytes is over the limit of {limit}",
         )
     # bounded_stream stops at Content-Length; without one (chunked) the server's own stream
     # ends with the body.
@@ -101,15 +104,17 @@ def _read_within(req: falcon.Request, stream: Any, limit: int, timeout: float) -
     if cutoff is not None and cutoff.fired:
         close_connection(req)
         raise ApiError(
-            "REQUEST_TIMEOUT",
+            ErrorCode.REQUEST_TIMEOUT,
             f"the request body did not arrive within {timeout:g} s; the connection is closed",
         )
     if failed:
         close_connection(req)
-        raise ApiError("INVALID_INPUT", "the request body is malformed or ended early")
+        raise ApiError(ErrorCode.INVALID_INPUT, "the request body is malformed or ended early")
     if size > limit:
         close_connection(req)
-        raise ApiError("PAYLOAD_TOO_LARGE", f"request body is over the limit of {limit} bytes")
+        raise ApiError(
+            ErrorCode.PAYLOAD_TOO_LARGE, f"request body is over the limit of {limit} bytes"
+        )
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -148,15 +153,16 @@ def _gunzip(data: bytes, limit: int) -> bytes:
         body = decoder.decompress(data, limit + 1)
     except zlib.error:
         raise ApiError(
-            "INVALID_INPUT", "the request body is labelled gzip but is not gzip data"
+            ErrorCode.INVALID_INPUT, "the request body is labelled gzip but is not gzip data"
         ) from None
     if len(body) > limit:
         raise ApiError(
-            "PAYLOAD_TOO_LARGE", f"the decoded request body is over the limit of {limit} bytes"
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"the decoded request body is over the limit of {limit} bytes",
         )
     if not decoder.eof or decoder.unused_data:
         raise ApiError(
-            "INVALID_INPUT", "the gzip request body is truncated or has data after its end"
+            ErrorCode.INVALID_INPUT, "the gzip request body is truncated or has data after its end"
         )
     return body
 
@@ -201,7 +207,7 @@ def deadline(req: falcon.Request, model: OnnxModel, client_timeout: float | None
     raw = req.get_header(TIMEOUT_HEADER)
     if raw is not None:
         if not raw.strip().isdigit() or int(raw) <= 0:
-            raise ApiError("INVALID_INPUT", f"{TIMEOUT_HEADER} must be a positive integer")
+            raise ApiError(ErrorCode.INVALID_INPUT, f"{TIMEOUT_HEADER} must be a positive integer")
         timeout = min(timeout, int(raw) / 1000)
     if client_timeout is not None:
         timeout = min(timeout, client_timeout)

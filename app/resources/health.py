@@ -5,10 +5,11 @@ from __future__ import annotations
 import falcon
 
 from app import __version__
-from app.errors import render_error
+from app.errors import ErrorCode
 from app.models.repository import Repository
 from app.protocols.v2 import EXTENSIONS
 from app.resources.common import send_json
+from app.resources.errors import render_error
 
 SERVER_NAME = "onnx-appliance"
 #: Liveness paths: the protocol's, and the two that load balancers and clients probe.
@@ -44,4 +45,4 @@ class ReadyResource:
         if self._repository.ready:
             send_json(resp, {"ready": True})
         else:
-            render_error(req, resp, 503, "MODEL_NOT_READY", "models are still loading")
+            render_error(req, resp, ErrorCode.MODEL_NOT_READY, "models are still loading")

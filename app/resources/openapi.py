@@ -8,7 +8,7 @@ import falcon
 import orjson
 
 from app import __version__
-from app.errors import STATUS_BY_CODE
+from app.errors import ErrorCode
 from app.middleware import OPEN_PATHS
 from app.models.signature import DATATYPE_TO_NUMPY
 
@@ -176,7 +176,7 @@ def build_spec() -> dict[str, Any]:
                 "error": {"type": "string"},
                 "error_code": {
                     "type": "string",
-                    "enum": sorted(STATUS_BY_CODE),
+                    "enum": sorted(ErrorCode),
                 },
                 "request_id": {"type": "string"},
             },

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import falcon
 
-from app.errors import ApiError
+from app.errors import ErrorCode
 from app.models.errors import InvalidInput
 from app.models.repository import Repository
 from app.protocols import v2
@@ -17,6 +17,7 @@ from app.resources.common import (
     resolve,
     send_json,
 )
+from app.resources.errors import ApiError
 from app.settings import LimitsSettings
 
 _INFER_TYPES = JSON_TYPES | {BINARY_TYPE}
@@ -95,7 +96,9 @@ class RepositoryIndexResource:
         if body.strip():
             doc = v2.parse_json(body)
             if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
-                raise ApiError("INVALID_INPUT", 'body must be an object like {"ready": true}')
+                raise ApiError(
+                    ErrorCode.INVALID_INPUT, 'body must be an object like {"ready": true}'
+                )
             only_ready = doc.get("ready", False)
         index = [
             dict(item, reason="")

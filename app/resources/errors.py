@@ -1,0 +1,94 @@
+"""Every failure as ``{"error", "error_code", "request_id"}`` JSON with the code's status.
+
+Errors carry an :class:`~app.errors.ErrorCode`; the status comes from
+:data:`~app.errors.HTTP_STATUS`. Falcon's own errors (unknown route, wrong method) and anything
+unexpected are rendered the same way; an unexpected exception is logged with its traceback and
+the client sees only a generic 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import falcon
+import orjson
+import structlog
+
+from app.errors import HTTP_STATUS, ApplianceError, ErrorCode, code_for_http_status
+
+log = structlog.get_logger(__name__)
+
+#: Seconds a client should wait before retrying a 503.
+RETRY_AFTER_SECONDS = "1"
+
+
+class ApiError(ApplianceError):
+    """A failure of the HTTP exchange itself (body too large or too slow, bad media type,
+    missing key), raised by resources and middleware with the code it calls for.
+
+    Args:
+        code: The error's code; its status comes from the table.
+        message: Human message for the client.
+        headers: Extra response headers.
+    """
+
+    def __init__(
+        self, code: ErrorCode, message: str, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message, code, headers)
+
+
+def render_error(
+    req: falcon.Request,
+    resp: falcon.Response,
+    code: ErrorCode,
+    message: str,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Write the error body and the code's status onto ``resp``."""
+    status = HTTP_STATUS[code]
+    resp.status = status
+    resp.content_type = falcon.MEDIA_JSON
+    request_id = getattr(req.context, "request_id", "")
+    resp.data = orjson.dumps({"error": message, "error_code": code, "request_id": request_id})
+    if status == 503 and not (headers and "Retry-After" in headers):
+        resp.set_header("Retry-After", RETRY_AFTER_SECONDS)
+    for name, value in (headers or {}).items():
+        resp.set_header(name, value)
+
+
+def handle_appliance_error(
+    req: falcon.Request, resp: falcon.Response, ex: ApplianceError, params: Any
+) -> None:
+    """Render a domain or HTTP-level error with its code."""
+    render_error(req, resp, ex.code, ex.message, ex.headers)
+
+
+def handle_http_error(
+    req: falcon.Request, resp: falcon.Response, ex: falcon.HTTPError, params: Any
+) -> None:
+    """Render Falcon's own errors (404 route, 405 method...) in the same JSON shape."""
+    code = code_for_http_status(ex.status_code)
+    message = ex.description or ex.title or "error"
+    if code is ErrorCode.NOT_FOUND:
+        message = "no such route"
+    elif code is ErrorCode.METHOD_NOT_ALLOWED:
+        allowed = dict(ex.headers or {}).get("Allow", "")
+        message = f"method {req.method} is not allowed here; allowed: {allowed}"
+    render_error(req, resp, code, message, dict(ex.headers or {}))
+
+
+def handle_unexpected(
+    req: falcon.Request, resp: falcon.Response, ex: Exception, params: Any
+) -> None:
+    """Log the traceback for the operator; tell the client only that it failed."""
+    log.exception("unhandled_error", error_type=type(ex).__name__)
+    render_error(req, resp, ErrorCode.INTERNAL, "internal error; the request id is in the logs")
+
+
+def install(app: falcon.App[Any, Any]) -> None:
+    """Register the handlers (Falcon picks the most specific class for each exception)."""
+    app.add_error_handler(Exception, handle_unexpected)
+    app.add_error_handler(falcon.HTTPError, handle_http_error)
+    app.add_error_handler(ApplianceError, handle_appliance_error)
