@@ -171,15 +171,15 @@ def serve(args: argparse.Namespace) -> int:
         )
     except SettingsError as exc:
         return _fail(str(exc))
-    from app.logging import GunicornLogger, configure_logging
+    from app.logging import configure_logging
 
     configure_logging(settings.logging.level, settings.logging.format)
-    GunicornLogger.log_format = settings.logging.format
     runtime = runtime_dir(settings)
     if settings.metrics.enabled:
         _prepare_metrics_dir(settings, runtime)
     # Imported only now: prometheus_client reads PROMETHEUS_MULTIPROC_DIR at import time.
-    from app.gunicorn_conf import ApplianceApplication, StartupError
+    from app.server.application import ApplianceApplication
+    from app.server.state import StartupError
 
     try:
         application = ApplianceApplication(

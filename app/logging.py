@@ -221,10 +221,10 @@ def stdlib_formatter(fmt: str = "json") -> logging.Formatter:
 class GunicornLogger(GunicornBaseLogger):  # type: ignore[misc]
     """gunicorn's logger with its error log rendered by the structlog chain.
 
-    The access log is off: the app's middleware writes one richer line per request.
+    The access log is off: the app's middleware writes one richer line per request. Use
+    :func:`gunicorn_logger` for a class bound to a log format.
     """
 
-    #: Set by the CLI from the settings before gunicorn starts.
     log_format = "json"
 
     def setup(self, cfg: Any) -> None:
@@ -239,3 +239,8 @@ class GunicornLogger(GunicornBaseLogger):  # type: ignore[misc]
 
     def access(self, resp: Any, req: Any, environ: Any, request_time: Any) -> None:
         """Do nothing: requests are logged by the app."""
+
+
+def gunicorn_logger(fmt: str) -> type[GunicornLogger]:
+    """gunicorn's ``logger_class`` rendering in ``fmt`` (gunicorn instantiates it itself)."""
+    return type(f"GunicornLogger_{fmt}", (GunicornLogger,), {"log_format": fmt})

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import falcon
 
 from app.keys import KeyStore
 from app.metrics import Metrics
-from app.middleware import Authenticator, RequestContext
+from app.middleware import OPEN_PATHS, Authenticator, RequestContext
 from app.models.onnx import RuntimeOptions
 from app.models.repository import Repository
 from app.ratelimit import RateLimiter
 from app.resources import errors
-from app.resources.common import CLOSE_CONNECTION
 from app.resources.health import (
     LIVE_PATHS,
     READY_PATHS,
@@ -95,30 +93,10 @@ def create_app(
     app.add_route("/predict", predict)
     if settings.metrics.enabled:
         app.add_route("/metrics", MetricsResource(metrics))
-    app.add_route("/openapi.json", OpenApiResource(settings.metrics.enabled))
+    openapi = OpenApiResource()
+    app.add_route("/openapi.json", openapi)
+    openapi.build(app, OPEN_PATHS)
     return app
-
-
-def closing_connections(app: Callable[..., Any]) -> Callable[..., Any]:
-    """The WSGI app, with gunicorn told to close a connection whose body was left unread.
-
-    gunicorn reads the rest of an unread body before it parses the next request on a
-    kept-alive connection, however large; a request refused for its body (too large, too
-    slow, an unknown encoding) asks to close instead (``CLOSE_CONNECTION`` in its environ),
-    and gunicorn then answers with ``Connection: close`` and reads no further. Falcon calls
-    ``start_response`` before it returns, and gunicorn sends the headers only after.
-    """
-
-    def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        result = app(environ, start_response)
-        if environ.get(CLOSE_CONNECTION):
-            # gunicorn passes its Response's bound method as start_response.
-            force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
-            if force_close is not None:
-                force_close()
-        return result
-
-    return serve
 
 
 def runtime_options(settings: Settings) -> RuntimeOptions:

@@ -320,7 +320,7 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
             str(WORKERS),
             # The appliance's default worker class, so the floor is what it could reach.
             "-k",
-            "app.workers.GeventWorker",
+            "app.server.gevent_worker.GeventWorker",
             "-b",
             f"127.0.0.1:{port}",
             "--log-level",

@@ -122,33 +122,6 @@ def test_documented_example_matches_the_defaults() -> None:
             assert f"\n{field} = " in text, f"{section}.{field} is not documented"
 
 
-def test_worker_model_follows_the_repository(tmp_path: Path) -> None:
-    import shutil
-
-    from app.gunicorn_conf import worker_model
-    from app.wsgi import build_repository
-
-    shutil.copytree(
-        Path(__file__).resolve().parents[1] / "app" / "demo_models" / "mlp", tmp_path / "mlp"
-    )
-    settings = load_settings(write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n'), env={})
-    assert worker_model(settings, build_repository(settings)) == ("gevent", 1)
-    (tmp_path / "mlp" / "model.toml").write_text("[batching]\nmax_batch_size = 32\n")
-    assert worker_model(settings, build_repository(settings)) == ("gevent", 1)
-    gthread = f'[models]\nrepository = "{tmp_path}"\n[server]\nworker_class = "gthread"\n'
-    threaded = load_settings(write(tmp_path, gthread), env={})
-    assert worker_model(threaded, build_repository(threaded)) == ("gthread", 32)
-    (tmp_path / "mlp" / "model.toml").unlink()
-    assert worker_model(threaded, build_repository(threaded)) == ("gthread", 4)
-    explicit = load_settings(write(tmp_path, gthread + "threads = 6\n"), env={})
-    assert worker_model(explicit, build_repository(explicit)) == ("gthread", 6)
-    sync = load_settings(
-        write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n[server]\nworker_class = "sync"\n'),
-        env={},
-    )
-    assert worker_model(sync, build_repository(sync)) == ("sync", 1)
-
-
 def test_loopback_binds_are_allowed_and_others_need_the_opt_in(tmp_path: Path) -> None:
     loopback = '["127.0.0.2:8000", "[::1]:8000", "localhost:8000", "unix:/run/a.sock"]'
     base = f'[models]\nrepository = "{tmp_path}"\n[server]\n'

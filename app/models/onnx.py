@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,24 +11,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import structlog
 
-from app.models.batching import Batcher, BatchingOptions
-from app.models.errors import (
-    InferenceFailed,
-    InferenceTimeout,
-    InvalidInput,
-    PayloadTooLarge,
-    RepositoryError,
-)
-from app.models.scheduling import WATCHDOG, Gate, cooperative, run_in_thread
-from app.models.signature import ORT_TO_DATATYPE, TensorSpec, dims_from_ort
-
-log = structlog.get_logger(__name__)
-
-#: Inline runs in a row over ``inline_run_us`` (CPU time) that move a model to a helper thread.
-SLOW_STREAK = 3
-_NODE_RE = re.compile(r"while running (\w+) node")
+from app.models.batching import BatchingOptions
+from app.models.errors import InvalidInput, PayloadTooLarge, RepositoryError
+from app.models.signature import ORT_TO_DATATYPE, Signature, TensorSpec, dims_from_ort
 
 
 class InferenceObserver(Protocol):
@@ -81,10 +66,20 @@ class RuntimeOptions:
 
 
 class OnnxModel:
-    """A loaded (or loadable) ONNX model version.
+    """A loaded (or loadable) ONNX model version: its session, signature and warm-up.
 
     The signature is read when the session is created; until :meth:`load` finishes the
-    model is not ready. Sessions are safe to run from several threads at once.
+    model is not ready. Sessions are safe to run from several threads at once. How runs
+    are admitted, timed out and scheduled is a :class:`~app.models.runner.Runner`'s job.
+
+    Args:
+        name: Model name.
+        version: Version number.
+        path: The ``model.onnx`` file.
+        options: Session, warm-up and serving options.
+        observer: Receives what is measured (a worker's metrics).
+        labels: Class names from ``model.toml``, for clients.
+        description: Free text from ``model.toml``, for clients.
     """
 
     def __init__(
@@ -94,26 +89,21 @@ class OnnxModel:
         path: Path,
         options: RuntimeOptions,
         observer: InferenceObserver | None = None,
+        labels: Sequence[str] = (),
+        description: str = "",
     ) -> None:
         self.name = name
         self.version = version
         self.version_str = str(version)
         self.path = path
         self.options = options
-        self.state = ModelState.UNAVAILABLE
-        self.inputs: tuple[TensorSpec, ...] = ()
-        self.outputs: tuple[TensorSpec, ...] = ()
-        self._inputs_by_name: dict[str, TensorSpec] = {}
-        self._output_names: frozenset[str] = frozenset()
-        self._session: Any = None
-        self._run_options: Any = None
         self.observer = observer
-        self.gate = Gate(options.max_concurrency, options.max_queue)
-        self.batcher: Batcher | None = None
-        # gevent worker (set at load): runs either hold its only thread or go to a helper.
-        self.cooperative = False
-        self.offload = False
-        self._slow_streak = 0
+        self.state = ModelState.UNAVAILABLE
+        self.signature = Signature(name, self.version_str, (), (), tuple(labels), description)
+        #: The fastest warm-up run at the slowest warm-up batch size, in seconds (None
+        #: without warm-up runs).
+        self.warmup_seconds: float | None = None
+        self._session: Any = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -142,36 +132,23 @@ class OnnxModel:
         except Exception as exc:  # onnxruntime raises several unrelated types
             self.state = ModelState.UNAVAILABLE
             raise RepositoryError(f"{self.label}: onnxruntime cannot load it: {exc}") from None
-        self.inputs = tuple(self._spec(arg, "input") for arg in session.get_inputs())
-        self.outputs = tuple(self._spec(arg, "output") for arg in session.get_outputs())
-        self._inputs_by_name = {spec.name: spec for spec in self.inputs}
-        self._output_names = frozenset(spec.name for spec in self.outputs)
-        self._session = session
-        self._run_options = ort.RunOptions
-        # Built in the process that runs the model: a gevent worker needs gevent's locks.
-        self.gate = Gate(self.options.max_concurrency, self.options.max_queue)
-        if self.options.batching is not None:
-            self._start_batcher(self.options.batching)
-        slowest = self.warmup()
-        self.cooperative = cooperative()
-        self.offload = self.cooperative and (
-            slowest is None or slowest * 1e6 > self.options.inline_run_us
+        inputs = tuple(self._spec(arg, "input") for arg in session.get_inputs())
+        outputs = tuple(self._spec(arg, "output") for arg in session.get_outputs())
+        old = self.signature
+        self.signature = Signature(
+            old.name, old.version, inputs, outputs, old.labels, old.description
         )
+        self._session = session
+        if self.options.batching is not None:
+            unbatched = [s.name for s in (*inputs, *outputs) if not s.batched]
+            if unbatched:
+                self.state = ModelState.UNAVAILABLE
+                raise RepositoryError(
+                    f"{self.label}: batching needs a dynamic first dimension on every input "
+                    f"and output; {', '.join(repr(n) for n in unbatched)} has none"
+                )
+        self.warmup_seconds = self.warmup()
         self.state = ModelState.READY
-
-    def _start_batcher(self, options: BatchingOptions) -> None:
-        unbatched = [s.name for s in (*self.inputs, *self.outputs) if not s.batched]
-        if unbatched:
-            self.state = ModelState.UNAVAILABLE
-            raise RepositoryError(
-                f"{self.label}: batching needs a dynamic first dimension on every input and "
-                f"output; {', '.join(repr(n) for n in unbatched)} has none"
-            )
-        self.batcher = Batcher(self.label, options, self._run, self._report_batch)
-
-    def _report_batch(self, rows: int, waits: list[float]) -> None:
-        if self.observer is not None:
-            self.observer.batch(self.name, self.version_str, rows, waits)
 
     def _spec(self, arg: Any, kind: str) -> TensorSpec:
         datatype = ORT_TO_DATATYPE.get(arg.type)
@@ -230,21 +207,17 @@ class OnnxModel:
         """True once the session is loaded and warmed up."""
         return self.state is ModelState.READY
 
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        """The signature's inputs."""
+        return self.signature.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        """The signature's outputs."""
+        return self.signature.outputs
+
     # -- serving -----------------------------------------------------------------------------
-
-    def input_spec(self, name: str) -> TensorSpec:
-        """Spec of the named input.
-
-        Raises:
-            InvalidInput: the model has no such input.
-        """
-        spec = self._inputs_by_name.get(name)
-        if spec is None:
-            raise InvalidInput(
-                f"model {self.name!r} has no input {name!r}; inputs are "
-                f"{', '.join(repr(s.name) for s in self.inputs)}"
-            )
-        return spec
 
     def validate(self, inputs: Mapping[str, np.ndarray]) -> None:
         """Check a complete feed against the signature and the batch limit.
@@ -259,7 +232,7 @@ class OnnxModel:
                 f"missing input(s) {', '.join(repr(n) for n in missing)} for model {self.name!r}"
             )
         for name, array in inputs.items():
-            spec = self.input_spec(name)
+            spec = self.signature.input_spec(name)
             if array.dtype != spec.dtype:
                 raise InvalidInput(
                     f"input {name!r} must be {spec.datatype}, got numpy dtype {array.dtype}"
@@ -275,119 +248,20 @@ class OnnxModel:
                     f"{self.name!r} is {self.options.max_batch_rows}"
                 )
 
-    def check_outputs(self, names: Sequence[str]) -> None:
-        """Raise InvalidInput unless every requested output exists."""
-        unknown = [n for n in names if n not in self._output_names]
-        if unknown:
-            raise InvalidInput(
-                f"model {self.name!r} has no output(s) {', '.join(repr(n) for n in unknown)}; "
-                f"outputs are {', '.join(repr(s.name) for s in self.outputs)}"
-            )
-
-    def predict(
-        self,
-        inputs: Mapping[str, np.ndarray],
-        outputs: Sequence[str] | None = None,
-        deadline: float | None = None,
-    ) -> dict[str, np.ndarray]:
-        """Validate, wait for a run slot and run one inference.
-
-        Args:
-            inputs: Arrays by input name.
-            outputs: Output names to compute; ``None`` for all.
-            deadline: ``time.monotonic()`` by which the answer is due; a run still going
-                then is cancelled. ``None`` waits as long as it takes.
-
-        Returns:
-            Arrays by output name, in the order asked for (or the model's order).
-
-        Raises:
-            InvalidInput, PayloadTooLarge: the feed does not fit the model.
-            Overloaded: too many requests queued for this model.
-            InferenceTimeout: the deadline passed before or during the run.
-            InferenceFailed: onnxruntime rejected the values.
-        """
-        self.validate(inputs)
-        names = [s.name for s in self.outputs] if outputs is None else list(outputs)
-        if outputs is not None:
-            self.check_outputs(names)
-        if self.batcher is not None:
-            return dict(zip(names, self.batcher.submit(inputs, names, deadline), strict=True))
-        self.gate.acquire(deadline, repr(self.name))
-        try:
-            return dict(zip(names, self._run(names, inputs, deadline), strict=True))
-        finally:
-            self.gate.release()
-
-    def _run(
-        self, names: list[str], inputs: Mapping[str, np.ndarray], deadline: float | None
+    def run(
+        self, names: list[str], inputs: Mapping[str, np.ndarray], run_options: Any = None
     ) -> list[np.ndarray]:
-        options, token = None, 0
-        if deadline is not None:
-            if time.monotonic() >= deadline:
-                raise InferenceTimeout(
-                    f"model {self.name!r} could not start before the request's deadline"
-                )
-            options = self._run_options()
-            options.log_severity_level = 4  # a cancelled run is expected, not an error
-            token = WATCHDOG.watch(deadline, options)
-        start = time.perf_counter()
-        offload = self.offload
-        # CPU time of this thread, not wall time: a run the OS preempted is not a slow run.
-        cpu_start = time.thread_time() if self.cooperative and not offload else None
-        try:
-            if offload:
-                results: list[np.ndarray] = run_in_thread(
-                    self._session.run, names, dict(inputs), options
-                )
-            else:
-                results = self._session.run(names, dict(inputs), options)
-        except Exception as exc:
-            if options is not None and options.terminate:
-                raise InferenceTimeout(
-                    f"inference of model {self.name!r} overran the request's deadline and "
-                    "was cancelled"
-                ) from None
-            log.warning(
-                "inference_failed", model=self.name, version=self.version_str, error=str(exc)
-            )
-            raise InferenceFailed(
-                f"model {self.name!r} could not run on these inputs{_client_message(exc)}"
-            ) from None
-        finally:
-            if token:
-                WATCHDOG.done(token)
-        took = time.perf_counter() - start
-        if cpu_start is not None:
-            cpu = time.thread_time() - cpu_start
-            # Run time depends on the inputs too: once runs keep holding the worker's only
-            # thread too long, this model's runs go to a helper thread from now on. One slow
-            # run is not enough: a garbage collection can land in any run.
-            self._slow_streak = (
-                self._slow_streak + 1 if cpu * 1e6 > self.options.inline_run_us else 0
-            )
-            if self._slow_streak >= SLOW_STREAK:
-                self.offload = True
-                log.warning(
-                    "model_runs_offloaded",
-                    model=self.name,
-                    version=self.version_str,
-                    run_cpu_ms=round(cpu * 1000, 3),
-                    inline_run_us=self.options.inline_run_us,
-                )
-        if self.observer is not None:
-            self.observer.inference(self.name, self.version_str, took)
+        """One session run, as onnxruntime does it (its exceptions included)."""
+        results: list[np.ndarray] = self._session.run(names, dict(inputs), run_options)
         return results
 
-    def metadata(self) -> dict[str, Any]:
-        """Open Inference Protocol model metadata for this version."""
-        return {
-            "name": self.name,
-            "versions": [self.version_str],
-            "platform": "onnxruntime_onnx",
-            "inputs": [s.as_dict() for s in self.inputs],
-            "outputs": [s.as_dict() for s in self.outputs],
-        }
+    def run_options(self) -> Any:
+        """A fresh ``onnxruntime.RunOptions`` whose run can be cancelled quietly."""
+        import onnxruntime as ort
+
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # a cancelled run is expected, not an error
+        return options
 
 
 def synthetic_input(spec: TensorSpec, rows: int = 1) -> np.ndarray:
@@ -396,10 +270,3 @@ def synthetic_input(spec: TensorSpec, rows: int = 1) -> np.ndarray:
     if spec.datatype == "BYTES":
         return np.full(shape, "warm up", dtype=object)
     return np.zeros(shape, dtype=spec.dtype)
-
-
-def _client_message(exc: Exception) -> str:
-    # onnxruntime's text names its source files and C++ internals; the client gets the
-    # operator that failed, the operator's log gets the full text.
-    match = _NODE_RE.search(str(exc))
-    return f" (the {match.group(1)} operator rejected them)" if match else ""

@@ -20,8 +20,9 @@ import structlog
 
 from app.models.batching import BatchingOptions
 from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
-from app.models.onnx import InferenceObserver, OnnxModel, RuntimeOptions
+from app.models.onnx import InferenceObserver, ModelState, OnnxModel, RuntimeOptions
 from app.models.onnx_proto import ProtoError, external_data_locations, looks_like_model
+from app.models.runner import Runner
 from app.settings import (
     MAX_BATCH_ROWS,
     MAX_INLINE_RUN_US,
@@ -122,11 +123,12 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 @dataclass(slots=True)
 class ModelEntry:
-    """All versions of one model."""
+    """All versions of one model, and once loaded, the runner of each."""
 
     name: str
     config: ModelConfig
     versions: dict[int, OnnxModel] = field(default_factory=dict)
+    runners: dict[int, Runner] = field(default_factory=dict)
 
     @property
     def default_version(self) -> int:
@@ -147,12 +149,9 @@ class ModelEntry:
             point -= weight
         return self.default_version  # unreachable: the points cover the total
 
-    def version_states(self) -> list[dict[str, str]]:
-        """``[{version, state}]`` sorted by version."""
-        return [
-            {"version": m.version_str, "state": m.state.value}
-            for _, m in sorted(self.versions.items())
-        ]
+    def states(self) -> list[tuple[str, ModelState]]:
+        """``(version, state)`` of every version, in version order."""
+        return [(m.version_str, m.state) for _, m in sorted(self.versions.items())]
 
 
 def valid_name(name: str) -> bool:
@@ -241,15 +240,21 @@ class Repository:
         for model in self.models():
             model.observer = observer
 
-    def load(self) -> None:
-        """Create every session and warm it up; afterwards the repository is ready.
+    def load(self, runner: type[Runner] = Runner) -> None:
+        """Create every session, warm it up and give it a runner; then the repository is ready.
+
+        Args:
+            runner: The kind of runner the worker needs (:class:`CooperativeRunner` in
+                gevent workers).
 
         Raises:
             RepositoryError: a model cannot be loaded or warmed up.
         """
-        for model in self.models():
-            model.load()
-            log.info("model_ready", model=model.name, version=model.version_str)
+        for entry in self._entries.values():
+            for version, model in sorted(entry.versions.items()):
+                model.load()
+                entry.runners[version] = runner(model)
+                log.info("model_ready", model=model.name, version=model.version_str)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -282,9 +287,7 @@ class Repository:
             )
         return entry
 
-    def get(
-        self, name: str, version: str | None = None, routing_key: str | None = None
-    ) -> OnnxModel:
+    def get(self, name: str, version: str | None = None, routing_key: str | None = None) -> Runner:
         """The version to serve: the one asked for, else by traffic split, else the default.
 
         Args:
@@ -298,27 +301,20 @@ class Repository:
         """
         entry = self.entry(name)
         if version is None:
-            model = entry.versions[entry.route(routing_key)]
+            number = entry.route(routing_key)
         else:
-            number = int(version) if VERSION_RE.match(version) else None
-            found = entry.versions.get(number) if number is not None else None
-            if found is None:
+            found = int(version) if VERSION_RE.match(version) else None
+            if found is None or found not in entry.versions:
                 raise ModelNotFound(
                     f"model {name!r} has no version {version!r}"
-                    if number is not None
+                    if found is not None
                     else f"model {name!r} has no such version"
                 )
-            model = found
-        if not model.ready:
-            raise ModelNotReady(f"model {name!r} version {model.version} is not ready yet")
-        return model
-
-    def index(self) -> list[dict[str, str]]:
-        """Repository index: one ``{name, version, state}`` per model version."""
-        return [
-            {"name": m.name, "version": m.version_str, "state": m.state.value}
-            for m in self.models()
-        ]
+            number = found
+        runner = entry.runners.get(number)
+        if runner is None or not runner.model.ready:
+            raise ModelNotReady(f"model {name!r} version {number} is not ready yet")
+        return runner
 
 
 def _scan_model(
@@ -366,7 +362,15 @@ def _scan_model(
             raise RepositoryError(f"model {name!r} version {version_dir.name} has no {MODEL_FILE}")
         check_model_file(model_file, version_dir)
         version = int(version_dir.name)
-        entry.versions[version] = OnnxModel(name, version, model_file.resolve(), runtime, observer)
+        entry.versions[version] = OnnxModel(
+            name,
+            version,
+            model_file.resolve(),
+            runtime,
+            observer,
+            labels=config.labels,
+            description=config.description,
+        )
     if not entry.versions:
         raise RepositoryError(
             f"model {name!r} has no version folders (expected {name}/1/{MODEL_FILE})"

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
+from app.models.errors import InvalidInput
+
+#: Open Inference Protocol datatypes.
+Datatype = Literal[
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
+
 # onnxruntime's type strings -> Open Inference Protocol datatype names.
-ORT_TO_DATATYPE: dict[str, str] = {
+ORT_TO_DATATYPE: dict[str, Datatype] = {
     "tensor(bool)": "BOOL",
     "tensor(uint8)": "UINT8",
     "tensor(uint16)": "UINT16",
@@ -24,7 +45,7 @@ ORT_TO_DATATYPE: dict[str, str] = {
 }
 
 # Datatype -> numpy dtype used for arrays handed to onnxruntime (little-endian on the wire).
-DATATYPE_TO_NUMPY: dict[str, np.dtype[np.generic]] = {
+DATATYPE_TO_NUMPY: dict[Datatype, np.dtype[np.generic]] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),
     "UINT16": np.dtype(np.uint16),
@@ -40,7 +61,7 @@ DATATYPE_TO_NUMPY: dict[str, np.dtype[np.generic]] = {
     "BYTES": np.dtype(object),
 }
 
-NUMPY_TO_DATATYPE: dict[np.dtype[np.generic], str] = {
+NUMPY_TO_DATATYPE: dict[np.dtype[np.generic], Datatype] = {
     dt: name for name, dt in DATATYPE_TO_NUMPY.items()
 }
 
@@ -56,7 +77,7 @@ class TensorSpec:
     """
 
     name: str
-    datatype: str
+    datatype: Datatype
     shape: tuple[int, ...]
 
     @property
@@ -75,9 +96,57 @@ class TensorSpec:
             want in (-1, got) for want, got in zip(self.shape, shape, strict=True)
         )
 
-    def as_dict(self) -> dict[str, object]:
-        """Metadata form used by the protocols: ``{name, datatype, shape}``."""
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """What a client sees of one model version: names, tensors and what model.toml says.
+
+    Protocols depend on this, not on the model object that owns the session.
+
+    Attributes:
+        name: Model name.
+        version: Version number as text.
+        inputs: Input tensors in the model's order.
+        outputs: Output tensors in the model's order.
+        labels: Class names from ``model.toml``.
+        description: Free text from ``model.toml``.
+    """
+
+    name: str
+    version: str
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    labels: tuple[str, ...] = ()
+    description: str = ""
+    _inputs: dict[str, TensorSpec] = field(init=False, repr=False, compare=False)
+    _outputs: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_inputs", {spec.name: spec for spec in self.inputs})
+        object.__setattr__(self, "_outputs", frozenset(spec.name for spec in self.outputs))
+
+    def input_spec(self, name: str) -> TensorSpec:
+        """Spec of the named input.
+
+        Raises:
+            InvalidInput: the model has no such input.
+        """
+        spec = self._inputs.get(name)
+        if spec is None:
+            raise InvalidInput(
+                f"model {self.name!r} has no input {name!r}; inputs are "
+                f"{', '.join(repr(s.name) for s in self.inputs)}"
+            )
+        return spec
+
+    def check_outputs(self, names: Sequence[str]) -> None:
+        """Raise InvalidInput unless every requested output exists."""
+        unknown = [n for n in names if n not in self._outputs]
+        if unknown:
+            raise InvalidInput(
+                f"model {self.name!r} has no output(s) {', '.join(repr(n) for n in unknown)}; "
+                f"outputs are {', '.join(repr(s.name) for s in self.outputs)}"
+            )
 
 
 def dims_from_ort(shape: list[int | str | None] | None) -> tuple[int, ...]:

@@ -9,28 +9,18 @@ from typing import Any
 import numpy as np
 
 from app.models.errors import InvalidInput, PayloadTooLarge
-from app.models.signature import DATATYPE_TO_NUMPY
+from app.models.signature import DATATYPE_TO_NUMPY, Datatype
 
-MAX_RANK = 16
 _INT_KINDS = frozenset("iu")
 _NUMBER_KINDS = frozenset("iuf")
 
 
-def check_shape(name: str, shape: Any, max_elements: int) -> tuple[int, ...]:
-    """Validate a declared shape and return it as a tuple.
+def check_elements(name: str, shape: list[int], max_elements: int) -> tuple[int, ...]:
+    """A declared shape (non-negative integers, checked by the schema) within the limit.
 
     Raises:
-        InvalidInput: not a list of non-negative integers, or absurdly long.
         PayloadTooLarge: more elements than ``max_elements``; nothing was allocated.
     """
-    if not isinstance(shape, list) or len(shape) > MAX_RANK:
-        raise InvalidInput(
-            f"input {name!r}: 'shape' must be a list of at most {MAX_RANK} non-negative integers"
-        )
-    for dim in shape:
-        # bool is an int subclass and 1e12 arrives as a float: both are refused.
-        if type(dim) is not int or dim < 0:
-            raise InvalidInput(f"input {name!r}: shape {shape!r} must hold non-negative integers")
     count = math.prod(shape)
     if count > max_elements:
         raise PayloadTooLarge(
@@ -39,7 +29,7 @@ def check_shape(name: str, shape: Any, max_elements: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def array_from_json(name: str, data: Any, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+def array_from_json(name: str, data: Any, datatype: Datatype, shape: tuple[int, ...]) -> np.ndarray:
     """Build the array for one input from JSON ``data`` (flat or nested, row-major).
 
     Raises:
@@ -61,7 +51,7 @@ def array_from_json(name: str, data: Any, datatype: str, shape: tuple[int, ...])
     return coerce(name, raw, datatype, data).reshape(shape)
 
 
-def coerce(name: str, raw: np.ndarray, datatype: str, source: Any = None) -> np.ndarray:
+def coerce(name: str, raw: np.ndarray, datatype: Datatype, source: Any = None) -> np.ndarray:
     """Cast an array that numpy inferred from JSON to ``datatype``, refusing lossy casts.
 
     Args:
@@ -109,7 +99,7 @@ def coerce(name: str, raw: np.ndarray, datatype: str, source: Any = None) -> np.
         raise InvalidInput(f"input {name!r}: a value is out of range for {datatype}") from None
 
 
-def _python_ints(name: str, source: Any, datatype: str, info: Any) -> np.ndarray:
+def _python_ints(name: str, source: Any, datatype: Datatype, info: Any) -> np.ndarray:
     # The slow path, taken only for integers numpy cannot infer exactly (beyond int64).
     flat = np.array(source, dtype=object).reshape(-1)
     if not all(type(v) is int for v in flat):
@@ -126,7 +116,7 @@ def _kind_name(kind: str) -> str:
 
 
 def array_from_bytes(
-    name: str, chunk: memoryview, datatype: str, shape: tuple[int, ...]
+    name: str, chunk: memoryview, datatype: Datatype, shape: tuple[int, ...]
 ) -> np.ndarray:
     """Decode one tensor of the binary tensor data extension (little-endian, row-major).
 
@@ -168,7 +158,7 @@ def _bytes_elements(name: str, chunk: memoryview, count: int) -> np.ndarray:
     return out
 
 
-def array_to_bytes(array: np.ndarray, datatype: str) -> bytes:
+def array_to_bytes(array: np.ndarray, datatype: Datatype) -> bytes:
     """Encode an output for the binary tensor data extension."""
     if datatype == "BYTES":
         parts = []

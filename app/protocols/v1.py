@@ -13,19 +13,31 @@
 of that name. When a model's last input dimension is a fixed 1 (text models taking
 ``[N, 1]`` strings), a row may leave it out: ``{"instances": ["great film", "dull"]}``; in the
 one-row form a fixed last output dimension of 1 is left out too (``1.7``, not ``[1.7]``).
+
+Pure functions of bytes, signatures and arrays: no HTTP, no sessions.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from msgspec import UNSET
 
 from app.models.errors import InvalidInput, PayloadTooLarge
-from app.models.onnx import OnnxModel
-from app.models.signature import TensorSpec
+from app.models.onnx import ModelState
+from app.models.signature import Signature, TensorSpec
+from app.protocols import schema
 from app.protocols.tensors import coerce
+
+# TensorFlow Serving's names for the states clients poll for.
+_TF_STATES: dict[ModelState, schema.TfState] = {
+    ModelState.READY: "AVAILABLE",
+    ModelState.LOADING: "LOADING",
+    ModelState.UNAVAILABLE: "UNAVAILABLE",
+}
 
 
 class BodyForm(enum.Enum):
@@ -37,7 +49,7 @@ class BodyForm(enum.Enum):
 
 
 def parse_predict(
-    doc: Any, model: OnnxModel, max_rows: int
+    body: bytes, signature: Signature, max_rows: int
 ) -> tuple[BodyForm, dict[str, np.ndarray]]:
     """Turn a predict body of any of the three forms into arrays by input name.
 
@@ -45,75 +57,58 @@ def parse_predict(
         InvalidInput: a body of none of the forms, or values that do not fit the model.
         PayloadTooLarge: more rows than ``max_rows``.
     """
-    if isinstance(doc, dict):
-        if "instances" in doc:
-            return BodyForm.ROWS, parse_instances(doc, model, max_rows)
-        if "inputs" in doc:
-            return BodyForm.COLUMNS, _parse_columns(doc, model, max_rows)
-        names = {s.name for s in model.inputs}
-        if doc and doc.keys() == names:
-            return BodyForm.ONE_ROW, {s.name: _column(s, [doc[s.name]]) for s in model.inputs}
-        if doc.keys() - {"signature_name"}:
-            raise InvalidInput(
-                f'unknown keys {sorted(doc)}: send {{"instances": [...]}}, '
-                f'{{"inputs": ...}}, or one row keyed by the input names {sorted(names)}'
-            )
-    raise InvalidInput(
-        'request body must be a JSON object: {"instances": [...]}, {"inputs": ...}, or one '
-        "row keyed by the model's input names"
-    )
-
-
-def _parse_columns(doc: dict[str, Any], model: OnnxModel, max_rows: int) -> dict[str, np.ndarray]:
-    columns = doc["inputs"]
-    names = {s.name for s in model.inputs}
-    if len(model.inputs) == 1 and not (isinstance(columns, dict) and columns.keys() == names):
-        columns = {model.inputs[0].name: columns}
-    if not isinstance(columns, dict) or columns.keys() != names:
+    request = schema.decode(body, schema.PredictRequest)
+    if request.instances is not UNSET:
+        return BodyForm.ROWS, _rows(request.instances, signature, max_rows)
+    if request.inputs is not UNSET:
+        return BodyForm.COLUMNS, _columns(request.inputs, signature, max_rows)
+    row = schema.decode(body, schema.OneRow)
+    row.pop("signature_name", None)
+    names = {s.name for s in signature.inputs}
+    if not row or row.keys() != names:
         raise InvalidInput(
-            f"'inputs' must be an object with exactly the keys {sorted(names)}"
-            + (" (or, for one input, its tensor)" if len(names) == 1 else "")
+            f'send {{"instances": [...]}}, {{"inputs": ...}}, or one row keyed by the '
+            f"input names {sorted(names)}; got the keys {sorted(row)}"
         )
-    arrays = {s.name: _column(s, columns[s.name]) for s in model.inputs}
-    for name, array in arrays.items():
-        if array.ndim and array.shape[0] > max_rows:
-            raise PayloadTooLarge(
-                f"input {name!r} has {array.shape[0]} rows; the limit is {max_rows}"
-            )
-    return arrays
+    return BodyForm.ONE_ROW, {s.name: _column(s, [row[s.name]]) for s in signature.inputs}
 
 
-def parse_instances(doc: Any, model: OnnxModel, max_rows: int) -> dict[str, np.ndarray]:
-    """Turn ``{"instances": [...]}`` into arrays by input name.
-
-    Raises:
-        InvalidInput: malformed body or rows that do not fit the model.
-        PayloadTooLarge: more rows than ``max_rows``.
-    """
-    if not isinstance(doc, dict):
-        raise InvalidInput("request body must be a JSON object with an 'instances' list")
-    instances = doc.get("instances")
-    if not isinstance(instances, list):
-        raise InvalidInput("'instances' must be a list of rows")
-    if not instances:
-        raise InvalidInput("'instances' is empty: send at least one row")
+def _rows(instances: list[Any], signature: Signature, max_rows: int) -> dict[str, np.ndarray]:
     if len(instances) > max_rows:
         raise PayloadTooLarge(f"{len(instances)} instances; the limit is {max_rows}")
-    if len(model.inputs) == 1:
-        spec = model.inputs[0]
+    if len(signature.inputs) == 1:
+        spec = signature.inputs[0]
         return {spec.name: _column(spec, instances)}
-    names = {s.name for s in model.inputs}
+    names = {s.name for s in signature.inputs}
     for row in instances:
         if not isinstance(row, dict):
             raise InvalidInput(
-                f"model {model.name!r} has several inputs: each instance must be "
+                f"model {signature.name!r} has several inputs: each instance must be "
                 f"an object with keys {sorted(names)}"
             )
         if row.keys() != names:
             raise InvalidInput(
                 f"each instance needs exactly the keys {sorted(names)}, got {sorted(row)}"
             )
-    return {s.name: _column(s, [row[s.name] for row in instances]) for s in model.inputs}
+    return {s.name: _column(s, [row[s.name] for row in instances]) for s in signature.inputs}
+
+
+def _columns(columns: Any, signature: Signature, max_rows: int) -> dict[str, np.ndarray]:
+    names = {s.name for s in signature.inputs}
+    if len(names) == 1 and not (isinstance(columns, dict) and columns.keys() == names):
+        columns = {signature.inputs[0].name: columns}
+    if not isinstance(columns, dict) or columns.keys() != names:
+        raise InvalidInput(
+            f"'inputs' must be an object with exactly the keys {sorted(names)}"
+            + (" (or, for one input, its tensor)" if len(names) == 1 else "")
+        )
+    arrays = {s.name: _column(s, columns[s.name]) for s in signature.inputs}
+    for name, array in arrays.items():
+        if array.ndim and array.shape[0] > max_rows:
+            raise PayloadTooLarge(
+                f"input {name!r} has {array.shape[0]} rows; the limit is {max_rows}"
+            )
+    return arrays
 
 
 def _column(spec: TensorSpec, rows: Any) -> np.ndarray:
@@ -129,21 +124,19 @@ def _column(spec: TensorSpec, rows: Any) -> np.ndarray:
     return array
 
 
-def encode_predict(
-    model: OnnxModel, form: BodyForm, results: dict[str, np.ndarray]
-) -> dict[str, Any]:
+def encode_predict(signature: Signature, form: BodyForm, results: dict[str, np.ndarray]) -> Any:
     """The answer in the form the request used (see the module's description)."""
     if form is BodyForm.ROWS:
-        return encode_predictions(model, results)
+        return encode_predictions(signature, results)
     if form is BodyForm.ONE_ROW:
-        specs = {s.name: s for s in model.outputs}
-        return {name: _plain(_unbatch(a, specs[name])) for name, a in results.items()}
-    columns = {name: _plain(a) for name, a in results.items()}
-    return {
-        "outputs": next(iter(columns.values())) if len(columns) == 1 else columns,
-        "model_name": model.name,
-        "model_version": model.version_str,
-    }
+        specs = {s.name: s for s in signature.outputs}
+        return {name: _unbatch(a, specs[name]).tolist() for name, a in results.items()}
+    columns = {name: a.tolist() for name, a in results.items()}
+    return schema.PredictColumnsResponse(
+        outputs=next(iter(columns.values())) if len(columns) == 1 else columns,
+        model_name=signature.name,
+        model_version=signature.version,
+    )
 
 
 def _unbatch(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
@@ -156,7 +149,9 @@ def _unbatch(array: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return row
 
 
-def encode_predictions(model: OnnxModel, results: dict[str, np.ndarray]) -> dict[str, Any]:
+def encode_predictions(
+    signature: Signature, results: dict[str, np.ndarray]
+) -> schema.PredictResponse:
     """``predictions`` as one entry per row; rows are objects when there are several outputs.
 
     Outputs whose first dimension is not the batch come back column-wise under their names.
@@ -165,19 +160,25 @@ def encode_predictions(model: OnnxModel, results: dict[str, np.ndarray]) -> dict
     rows = arrays[0].shape[0] if arrays and arrays[0].ndim else None
     predictions: Any
     if len(arrays) == 1:
-        predictions = _plain(arrays[0])
+        predictions = arrays[0].tolist()
     elif rows is not None and all(a.ndim and a.shape[0] == rows for a in arrays):
-        columns = {name: _plain(a) for name, a in results.items()}
+        # tolist() gives Python scalars (str for BYTES), which every JSON encoder accepts.
+        columns = {name: a.tolist() for name, a in results.items()}
         predictions = [{name: col[i] for name, col in columns.items()} for i in range(rows)]
     else:
-        predictions = {name: _plain(a) for name, a in results.items()}
-    return {
-        "predictions": predictions,
-        "model_name": model.name,
-        "model_version": model.version_str,
-    }
+        predictions = {name: a.tolist() for name, a in results.items()}
+    return schema.PredictResponse(predictions, signature.name, signature.version)
 
 
-def _plain(array: np.ndarray) -> Any:
-    # tolist() gives Python scalars (str for BYTES), which every JSON encoder accepts.
-    return array.tolist()
+def model_status(
+    name: str, default_version: int, states: Iterable[tuple[str, ModelState]]
+) -> schema.ModelStatus:
+    """``GET /v1/models/{m}``: each version with its state, TensorFlow Serving style."""
+    return schema.ModelStatus(
+        model_name=name,
+        default_version=str(default_version),
+        model_version_status=[
+            schema.ModelVersionStatus(version, _TF_STATES[state], schema.VersionStatus())
+            for version, state in states
+        ],
+    )

@@ -10,12 +10,12 @@ import zlib
 from typing import Any
 
 import falcon
-import orjson
 
 from app.errors import ErrorCode
-from app.models.onnx import OnnxModel
 from app.models.repository import Repository
+from app.models.runner import Runner
 from app.models.scheduling import WATCHDOG
+from app.protocols import schema
 from app.resources.errors import ApiError
 from app.settings import LimitsSettings
 
@@ -174,25 +174,24 @@ def close_connection(req: falcon.Request) -> None:
 
 def resolve(
     req: falcon.Request, repository: Repository, name: str, version: str | None = None
-) -> OnnxModel:
+) -> Runner:
     """Find the serving model version and label the request with it.
 
     Requests that name no version follow the model's traffic split, sticky per request id.
     """
-    model = repository.get(name, version, routing_key=req.context.request_id)
-    req.context.model = model.name
-    req.context.version = model.version_str
-    return model
+    runner = repository.get(name, version, routing_key=req.context.request_id)
+    req.context.model = runner.signature.name
+    req.context.version = runner.signature.version
+    return runner
 
 
-def send_json(resp: falcon.Response, doc: Any, status: int = 200) -> None:
-    """Write ``doc`` as the JSON body (numpy arrays allowed)."""
-    resp.status = status
+def send(resp: falcon.Response, doc: Any) -> None:
+    """Write ``doc`` (a wire schema Struct, or lists and dicts of them) as the JSON body."""
     resp.content_type = falcon.MEDIA_JSON
-    resp.data = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    resp.data = schema.encode(doc)
 
 
-def deadline(req: falcon.Request, model: OnnxModel, client_timeout: float | None = None) -> float:
+def deadline(req: falcon.Request, runner: Runner, client_timeout: float | None = None) -> float:
     """When the answer is due, on the monotonic clock.
 
     The model's timeout counts from the request's arrival: at NGINX when it sends
@@ -203,7 +202,7 @@ def deadline(req: falcon.Request, model: OnnxModel, client_timeout: float | None
     Raises:
         ApiError: INVALID_INPUT for a malformed timeout header.
     """
-    timeout = model.options.timeout
+    timeout = runner.timeout
     raw = req.get_header(TIMEOUT_HEADER)
     if raw is not None:
         if not raw.strip().isdigit() or int(raw) <= 0:

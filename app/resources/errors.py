@@ -12,10 +12,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import falcon
-import orjson
 import structlog
 
 from app.errors import HTTP_STATUS, ApplianceError, ErrorCode, code_for_http_status
+from app.protocols import schema
+from app.protocols.schema import ErrorBody
 
 log = structlog.get_logger(__name__)
 
@@ -51,7 +52,7 @@ def render_error(
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     request_id = getattr(req.context, "request_id", "")
-    resp.data = orjson.dumps({"error": message, "error_code": code, "request_id": request_id})
+    resp.data = schema.encode(ErrorBody(message, code, request_id))
     if status == 503 and not (headers and "Retry-After" in headers):
         resp.set_header("Retry-After", RETRY_AFTER_SECONDS)
     for name, value in (headers or {}).items():

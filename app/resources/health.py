@@ -7,9 +7,10 @@ import falcon
 from app import __version__
 from app.errors import ErrorCode
 from app.models.repository import Repository
-from app.protocols.v2 import EXTENSIONS
-from app.resources.common import send_json
+from app.protocols import schema, v2
+from app.resources.common import send
 from app.resources.errors import render_error
+from app.resources.openapi import documented
 
 SERVER_NAME = "onnx-appliance"
 #: Liveness paths: the protocol's, and the two that load balancers and clients probe.
@@ -21,17 +22,19 @@ READY_PATHS = ("/v2/health/ready", "/readyz")
 class ServerResource:
     """``GET /v2``: server name, version and protocol extensions."""
 
+    @documented("Server metadata", response=schema.ServerMetadata)
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Describe the server."""
-        send_json(resp, {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS})
+        send(resp, v2.server_metadata(SERVER_NAME, __version__))
 
 
 class LiveResource:
     """``GET /v2/health/live``, ``/healthz`` and ``/health``: 200 whenever the process answers."""
 
+    @documented("Liveness", response=schema.Live)
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Report liveness."""
-        send_json(resp, {"live": True})
+        send(resp, schema.Live(True))
 
 
 class ReadyResource:
@@ -40,9 +43,14 @@ class ReadyResource:
     def __init__(self, repository: Repository) -> None:
         self._repository = repository
 
+    @documented(
+        "Readiness: every model loaded and warm",
+        response=schema.Ready,
+        errors=(ErrorCode.MODEL_NOT_READY,),
+    )
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Report readiness; 503 with Retry-After while any model is still loading."""
         if self._repository.ready:
-            send_json(resp, {"ready": True})
+            send(resp, schema.Ready(True))
         else:
             render_error(req, resp, ErrorCode.MODEL_NOT_READY, "models are still loading")

@@ -1,375 +1,177 @@
-"""``GET /openapi.json``: an OpenAPI 3.1 description of every route, body and error."""
+"""``GET /openapi.json``: an OpenAPI 3.1 document generated from what the app really serves.
+
+The routes and methods come from Falcon's own account of the app (``falcon.inspect``); each
+responder says what it takes and answers with :func:`documented`; the body schemas come from
+the wire Structs (:mod:`app.protocols.schema`). A responder without a description stops the
+document from being built, so a route cannot exist without being documented.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import falcon
-import orjson
+import falcon.inspect
 
 from app import __version__
-from app.errors import ErrorCode
-from app.middleware import OPEN_PATHS
-from app.models.signature import DATATYPE_TO_NUMPY
+from app.errors import HTTP_STATUS, ErrorCode
+from app.protocols import schema
 
+F = TypeVar("F", bound=Callable[..., Any])
 _JSON = "application/json"
+_BINARY = "application/octet-stream"
+_E = ErrorCode
 
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {_JSON: {"schema": _ref("Error")}}}
-
-
-_ERRORS = {
-    "400": _error("Malformed body, or inputs that do not fit the model (INVALID_INPUT)."),
-    "401": _error("Missing or wrong API key while keys are configured (UNAUTHENTICATED)."),
-    "404": _error("Unknown model or version (MODEL_NOT_FOUND)."),
-    "405": _error("Method not allowed on this route (METHOD_NOT_ALLOWED)."),
-    "408": _error(
-        "The body did not arrive within limits.body_timeout_ms (REQUEST_TIMEOUT); the "
-        "connection is closed."
-    ),
-    "413": _error("Body, batch or tensor over the configured limit (PAYLOAD_TOO_LARGE)."),
-    "415": _error(
-        "Content-Type other than JSON or binary tensor data, or a Content-Encoding other "
-        "than gzip or identity (UNSUPPORTED_MEDIA_TYPE)."
-    ),
-    "500": _error("Unexpected failure; details are in the server log (INTERNAL)."),
-    "429": _error("The API key's rate limit is exhausted (RATE_LIMITED); Retry-After is set."),
-    "503": _error(
-        "Model not ready yet (MODEL_NOT_READY) or too many requests queued (OVERLOADED); "
-        "Retry-After is set."
-    ),
-    "504": _error("The request's deadline passed before or during inference (TIMEOUT)."),
+#: What each code means, for the responses' descriptions.
+ERROR_DOCS: dict[ErrorCode, str] = {
+    _E.INVALID_INPUT: "malformed body, or inputs that do not fit the model",
+    _E.INFERENCE_FAILED: "onnxruntime rejected values that passed validation",
+    _E.UNAUTHENTICATED: "missing or wrong API key while keys are configured",
+    _E.FORBIDDEN: "refused by the proxy protocol or TLS checks",
+    _E.MODEL_NOT_FOUND: "unknown model or version",
+    _E.NOT_FOUND: "no such route",
+    _E.METHOD_NOT_ALLOWED: "method not allowed on this route",
+    _E.REQUEST_TIMEOUT: "the body did not arrive within limits.body_timeout_ms; the "
+    "connection is closed",
+    _E.PAYLOAD_TOO_LARGE: "body (decoded too), batch or tensor over the configured limit",
+    _E.URI_TOO_LONG: "request line over 4094 bytes",
+    _E.UNSUPPORTED_MEDIA_TYPE: "Content-Type other than JSON (or binary tensor data where "
+    "taken), or a Content-Encoding other than gzip or identity",
+    _E.EXPECTATION_FAILED: "an Expect header other than 100-continue",
+    _E.RATE_LIMITED: "the API key's rate limit is exhausted; Retry-After is set",
+    _E.HEADERS_TOO_LARGE: "too many or too large headers",
+    _E.INTERNAL: "unexpected failure; details are in the server log under the request id",
+    _E.NOT_IMPLEMENTED: "a Transfer-Encoding other than chunked",
+    _E.OVERLOADED: "too many requests queued for the model; Retry-After is set",
+    _E.MODEL_NOT_READY: "the model is still loading; Retry-After is set",
+    _E.TIMEOUT: "the request's deadline passed before or during inference",
 }
-_READ_ERRORS = {k: v for k, v in _ERRORS.items() if k in ("401", "404", "405", "429", "500", "503")}
-
-_MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
-_VERSION = {
-    "name": "version",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
-}
-_TIMEOUT = {
-    "name": "X-Request-Timeout-Ms",
-    "in": "header",
-    "required": False,
-    "schema": {"type": "integer", "minimum": 1},
-    "description": "Shorten the request's deadline (never lengthen it).",
-}
-_REQUEST_ID = {
-    "name": "X-Request-ID",
-    "in": "header",
-    "required": False,
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
-    "description": "Echoed on the response; generated when absent or malformed.",
-}
+#: Codes any operation with a request body can answer.
+BODY_ERRORS = (
+    _E.INVALID_INPUT,
+    _E.REQUEST_TIMEOUT,
+    _E.PAYLOAD_TOO_LARGE,
+    _E.UNSUPPORTED_MEDIA_TYPE,
+)
+#: Codes any route that needs a key can answer, once keys are configured.
+KEY_ERRORS = (_E.UNAUTHENTICATED, _E.RATE_LIMITED)
 
 
-def _op(
+@dataclass(frozen=True)
+class Operation:
+    """What one responder takes and answers, for the document.
+
+    Attributes:
+        summary: One line.
+        responses: Body types of a 200 (one of them); empty for a body that is no JSON.
+        requests: Body types it reads (one of them); empty for none.
+        errors: Codes of its own failures (those every route or body can have are added).
+        binary: Also takes and answers binary tensor data (application/octet-stream).
+        deadline: Takes ``X-Request-Timeout-Ms``.
+        media: Media type of a non-JSON 200.
+    """
+
+    summary: str
+    responses: tuple[Any, ...] = ()
+    requests: tuple[Any, ...] = ()
+    errors: tuple[ErrorCode, ...] = ()
+    binary: bool = False
+    deadline: bool = False
+    media: str = _JSON
+
+
+_OPERATIONS: dict[str, Operation] = {}
+
+
+def documented(
     summary: str,
-    response: str,
     *,
-    body: str | None = None,
-    errors: dict[str, Any],
-    params: list[dict[str, Any]] | None = None,
+    response: Any = None,
+    request: Any = None,
+    errors: Iterable[ErrorCode] = (),
     binary: bool = False,
-) -> dict[str, Any]:
-    ok_content: dict[str, Any] = {_JSON: {"schema": _ref(response)}}
-    if binary:
-        ok_content["application/octet-stream"] = {
-            "schema": {"type": "string", "format": "binary"},
-            "description": "JSON header of Inference-Header-Content-Length bytes, then "
-            "raw little-endian tensors.",
-        }
-    op: dict[str, Any] = {
-        "summary": summary,
-        "parameters": [*(params or []), _REQUEST_ID],
-        "responses": {"200": {"description": "OK", "content": ok_content}, **errors},
-    }
-    if body is not None and body != "RepositoryIndexRequest":
-        op["parameters"].insert(0, _TIMEOUT)
-    if body is not None:
-        content: dict[str, Any] = {_JSON: {"schema": _ref(body)}}
-        if binary:
-            content["application/octet-stream"] = {"schema": {"type": "string", "format": "binary"}}
-        op["requestBody"] = {"required": True, "content": content}
-    return op
+    deadline: bool = False,
+    media: str = _JSON,
+) -> Callable[[F], F]:
+    """Describe a responder for the OpenAPI document.
+
+    ``response`` and ``request`` are wire types, or unions of them (``A | B``) where a route
+    takes or answers one of several forms.
+    """
+
+    def mark(responder: F) -> F:
+        _OPERATIONS[responder.__qualname__] = Operation(
+            summary,
+            _members(response),
+            _members(request),
+            tuple(errors),
+            binary,
+            deadline,
+            media,
+        )
+        return responder
+
+    return mark
 
 
-def _model_routes(prefix: str, params: list[dict[str, Any]], pinned: str) -> dict[str, Any]:
-    return {
-        f"{prefix}": {
-            "get": _op(
-                f"Model metadata ({pinned})", "ModelMetadata", errors=_READ_ERRORS, params=params
-            )
-        },
-        f"{prefix}/ready": {
-            "get": _op(
-                f"Model readiness ({pinned})", "ModelReady", errors=_READ_ERRORS, params=params
-            )
-        },
-        f"{prefix}/infer": {
-            "post": _op(
-                f"Inference, Open Inference Protocol ({pinned})",
-                "InferResponse",
-                body="InferRequest",
-                errors=_ERRORS,
-                params=params,
-                binary=True,
-            )
-        },
-    }
+def _members(kind: Any) -> tuple[Any, ...]:
+    if kind is None:
+        return ()
+    args = getattr(kind, "__args__", None)
+    is_union = type(kind).__name__ in ("UnionType", "_UnionGenericAlias")
+    return tuple(args) if is_union and args else (kind,)
 
 
-def build_spec() -> dict[str, Any]:
-    """The OpenAPI document."""
-    tensor_in = {
-        "type": "object",
-        "required": ["name", "shape", "datatype"],
-        "properties": {
-            "name": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
-            "datatype": {"enum": list(DATATYPE_TO_NUMPY)},
-            "data": {
-                "description": "Row-major values, flat or nested; omitted when "
-                "parameters.binary_data_size is given."
-            },
-            "parameters": {
-                "type": "object",
-                "properties": {"binary_data_size": {"type": "integer", "minimum": 0}},
-            },
-        },
-    }
-    tensor_out = {
-        "type": "object",
-        "required": ["name", "shape", "datatype"],
-        "properties": {
-            "name": {"type": "string"},
-            "shape": {"type": "array", "items": {"type": "integer"}},
-            "datatype": {"type": "string"},
-            "data": {"type": "array"},
-            "parameters": {"type": "object"},
-        },
-    }
-    spec_tensor = {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "datatype": {"type": "string"},
-            "shape": {
-                "type": "array",
-                "items": {"type": "integer"},
-                "description": "-1 marks a dynamic dimension",
-            },
-        },
-    }
-    schemas: dict[str, Any] = {
-        "Error": {
-            "type": "object",
-            "required": ["error", "error_code", "request_id"],
-            "properties": {
-                "error": {"type": "string"},
-                "error_code": {
-                    "type": "string",
-                    "enum": sorted(ErrorCode),
-                },
-                "request_id": {"type": "string"},
-            },
-        },
-        "ServerMetadata": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string"},
-                "version": {"type": "string"},
-                "extensions": {"type": "array", "items": {"type": "string"}},
-            },
-        },
-        "Live": {"type": "object", "properties": {"live": {"type": "boolean"}}},
-        "Ready": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
-        "ModelMetadata": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string"},
-                "versions": {"type": "array", "items": {"type": "string"}},
-                "platform": {"type": "string", "const": "onnxruntime_onnx"},
-                "inputs": {"type": "array", "items": spec_tensor},
-                "outputs": {"type": "array", "items": spec_tensor},
-            },
-        },
-        "ModelReady": {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string"},
-                "version": {"type": "string"},
-                "ready": {"type": "boolean"},
-            },
-        },
-        "InferRequest": {
-            "type": "object",
-            "required": ["inputs"],
-            "properties": {
-                "id": {"type": "string"},
-                "parameters": {
-                    "type": "object",
-                    "properties": {"binary_data_output": {"type": "boolean"}},
-                },
-                "inputs": {"type": "array", "minItems": 1, "items": tensor_in},
-                "outputs": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["name"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "parameters": {
-                                "type": "object",
-                                "properties": {"binary_data": {"type": "boolean"}},
-                            },
-                        },
-                    },
-                },
-            },
-        },
-        "InferResponse": {
-            "type": "object",
-            "properties": {
-                "model_name": {"type": "string"},
-                "model_version": {"type": "string"},
-                "id": {"type": "string"},
-                "outputs": {"type": "array", "items": tensor_out},
-            },
-        },
-        "RepositoryIndexRequest": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
-        "RepositoryIndex": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string"},
-                    "version": {"type": "string"},
-                    "state": {"enum": ["READY", "LOADING", "UNAVAILABLE"]},
-                    "reason": {"type": "string"},
-                },
-            },
-        },
-        "PredictRequest": {
-            "type": "object",
-            "required": ["instances"],
-            "properties": {
-                "instances": {
-                    "type": "array",
-                    "minItems": 1,
-                    "description": "One row per instance: the input's value, or an "
-                    "object keyed by input name for several inputs.",
-                }
-            },
-        },
-        "PredictResponse": {
-            "type": "object",
-            "properties": {
-                "predictions": {},
-                "model_name": {"type": "string"},
-                "model_version": {"type": "string"},
-            },
-        },
-        "ModelStatus": {
-            "type": "object",
-            "properties": {
-                "model_name": {"type": "string"},
-                "default_version": {"type": "string"},
-                "model_version_status": {"type": "array", "items": {"type": "object"}},
-            },
-        },
-    }
-    health = {"500": _ERRORS["500"]}
-    paths: dict[str, Any] = {
-        "/v2": {"get": _op("Server metadata", "ServerMetadata", errors=health)},
-        "/v2/health/live": {"get": _op("Liveness", "Live", errors=health)},
-        "/v2/health/ready": {
-            "get": _op(
-                "Readiness: every model loaded and warm", "Ready", errors={"503": _ERRORS["503"]}
-            )
-        },
-        "/healthz": {"get": _op("Liveness (alias)", "Live", errors=health)},
-        "/health": {"get": _op("Liveness (alias)", "Live", errors=health)},
-        "/readyz": {"get": _op("Readiness (alias)", "Ready", errors={"503": _ERRORS["503"]})},
-        **_model_routes("/v2/models/{model}", [_MODEL], "default version"),
-        **_model_routes(
-            "/v2/models/{model}/versions/{version}", [_MODEL, _VERSION], "pinned version"
-        ),
-        "/v2/repository/index": {
-            "post": _op(
-                "Every model version and its state (read-only)",
-                "RepositoryIndex",
-                body="RepositoryIndexRequest",
-                errors={k: _ERRORS[k] for k in ("400", "413", "415")},
-            )
-        },
-        "/v1/models/{model}": {
-            "get": _op(
-                "Versions of a model and their state",
-                "ModelStatus",
-                errors=_READ_ERRORS,
-                params=[_MODEL],
-            )
-        },
-        "/v1/models/{model}:predict": {
-            "post": _op(
-                "Predict with instances (default version)",
-                "PredictResponse",
-                body="PredictRequest",
-                errors=_ERRORS,
-                params=[_MODEL],
-            )
-        },
-        "/v1/models/{model}/versions/{version}:predict": {
-            "post": _op(
-                "Predict with instances (pinned version)",
-                "PredictResponse",
-                body="PredictRequest",
-                errors=_ERRORS,
-                params=[_MODEL, _VERSION],
-            )
-        },
-        "/predict": {
-            "post": _op(
-                "Predict with the default model",
-                "PredictResponse",
-                body="PredictRequest",
-                errors=_ERRORS,
-            )
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics, summed over all workers",
-                "responses": {
-                    "200": {"description": "Text exposition format", "content": {"text/plain": {}}}
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "summary": "This document",
-                "responses": {"200": {"description": "OpenAPI 3.1", "content": {_JSON: {}}}},
-            }
-        },
-    }
-    _add_common_statuses(paths)
+def build_spec(app: falcon.App[Any, Any], open_paths: Iterable[str] = ()) -> dict[str, Any]:
+    """The OpenAPI document of every route and method ``app`` has.
+
+    Args:
+        app: The finished app.
+        open_paths: Routes that need no API key (so never answer 401 or 429).
+
+    Raises:
+        LookupError: a responder has no :func:`documented` description.
+    """
+    routes: list[tuple[str, str, Operation]] = []
+    for route in falcon.inspect.inspect_routes(app):
+        for responder in route.methods:
+            if responder.internal:
+                continue
+            name = f"{route.class_name}.{responder.function_name}"
+            operation = _OPERATIONS.get(name)
+            if operation is None:
+                raise LookupError(
+                    f"{responder.method} {route.path} ({name}) is not documented: "
+                    "describe it with @documented"
+                )
+            routes.append((route.path, responder.method.lower(), operation))
+    types = list(
+        dict.fromkeys(
+            [schema.ErrorBody] + [t for _, _, op in routes for t in (*op.responses, *op.requests)]
+        )
+    )
+    refs, components = schema.components(tuple(types))
+    ref_of = dict(zip(types, refs, strict=True))
+    open_set = frozenset(open_paths)
+    paths: dict[str, Any] = {}
+    for path, verb, operation in routes:
+        paths.setdefault(path, {})[verb] = _operation(
+            path, operation, ref_of, needs_key=path not in open_set
+        )
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "onnx-appliance",
             "version": __version__,
-            "description": "Open Inference Protocol v2 and simple JSON inference over ONNX models.",
+            "description": "Open Inference Protocol v2 and simple JSON inference over ONNX "
+            "models. Every error is an ErrorBody with a stable error_code.",
         },
-        "paths": paths,
+        "paths": dict(sorted(paths.items())),
         "components": {
-            "schemas": schemas,
+            "schemas": components,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -380,35 +182,97 @@ def build_spec() -> dict[str, Any]:
     }
 
 
-def _add_common_statuses(paths: dict[str, Any]) -> None:
-    """Statuses that every operation of a kind can answer, whatever its own errors.
+_PARAMETER_RE = re.compile(r"{(\w+)}")
+_PATH_PARAMETERS = {
+    "model": {"type": "string"},
+    "version": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+}
+_REQUEST_ID = {
+    "name": "X-Request-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+    "description": "Echoed on the response; generated when absent or malformed.",
+}
+_TIMEOUT = {
+    "name": "X-Request-Timeout-Ms",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "integer", "minimum": 1},
+    "description": "Shorten the request's deadline (never lengthen it).",
+}
 
-    Every route but the open ones answers 401 without a valid key and 429 past the key's
-    rate once keys are configured; every operation with a body can be malformed, slow,
-    too large or of a type or encoding not read here.
-    """
-    for path, operations in paths.items():
-        for operation in operations.values():
-            responses = operation["responses"]
-            codes = ["500"]
-            if path not in OPEN_PATHS:
-                codes += ["401", "429"]
-            if "requestBody" in operation:
-                codes += ["400", "408", "413", "415"]
-            for code in codes:
-                responses.setdefault(code, _ERRORS[code])
-            operation["responses"] = dict(sorted(responses.items()))
+
+_BINARY_SCHEMA = {
+    "type": "string",
+    "format": "binary",
+    "description": "A JSON header of Inference-Header-Content-Length bytes, then raw "
+    "little-endian tensors.",
+}
+
+
+def _content(types: tuple[Any, ...], ref_of: dict[Any, Any]) -> dict[str, Any]:
+    refs = [ref_of[t] for t in types]
+    return {"schema": refs[0] if len(refs) == 1 else {"oneOf": refs}}
+
+
+def _operation(
+    path: str, operation: Operation, ref_of: dict[Any, Any], *, needs_key: bool
+) -> dict[str, Any]:
+    parameters: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": _PATH_PARAMETERS[name]}
+        for name in _PARAMETER_RE.findall(path)
+    ]
+    if operation.deadline:
+        parameters.append(_TIMEOUT)
+    parameters.append(_REQUEST_ID)
+    ok: dict[str, Any] = {}
+    if operation.responses:
+        ok[_JSON] = _content(operation.responses, ref_of)
+    else:
+        ok[operation.media] = {}
+    if operation.binary:
+        ok[_BINARY] = {"schema": _BINARY_SCHEMA}
+    codes = [*operation.errors, _E.INTERNAL]
+    if needs_key:
+        codes += KEY_ERRORS
+    result: dict[str, Any] = {"summary": operation.summary, "parameters": parameters}
+    if operation.requests:
+        body: dict[str, Any] = {_JSON: _content(operation.requests, ref_of)}
+        if operation.binary:
+            body[_BINARY] = {"schema": _BINARY_SCHEMA}
+        result["requestBody"] = {"required": True, "content": body}
+        codes += BODY_ERRORS
+    result["responses"] = {"200": {"description": "OK", "content": ok}} | _errors(
+        codes, ref_of[schema.ErrorBody]
+    )
+    return result
+
+
+def _errors(codes: Iterable[ErrorCode], error_ref: Any) -> dict[str, Any]:
+    by_status: dict[int, list[ErrorCode]] = {}
+    for code in dict.fromkeys(codes):
+        by_status.setdefault(HTTP_STATUS[code], []).append(code)
+    return {
+        str(status): {
+            "description": "; ".join(f"{c.value}: {ERROR_DOCS[c]}" for c in members),
+            "content": {_JSON: {"schema": error_ref}},
+        }
+        for status, members in sorted(by_status.items())
+    }
 
 
 class OpenApiResource:
-    """Serve the OpenAPI document, rendered once."""
+    """Serve the OpenAPI document of the app, built once it has all its routes."""
 
-    def __init__(self, metrics_enabled: bool = True) -> None:
-        spec = build_spec()
-        if not metrics_enabled:
-            del spec["paths"]["/metrics"]
-        self._body = orjson.dumps(spec)
+    def __init__(self) -> None:
+        self._body = b"{}"
 
+    def build(self, app: falcon.App[Any, Any], open_paths: Iterable[str]) -> None:
+        """Build the document of ``app`` (call after its last route is added)."""
+        self._body = schema.encode(build_spec(app, open_paths))
+
+    @documented("This document (OpenAPI 3.1)", media=_JSON)
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Return the document."""
         resp.content_type = falcon.MEDIA_JSON

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import falcon
 
+from app.errors import ErrorCode
 from app.models.repository import Repository
-from app.protocols import v1
-from app.protocols.v2 import parse_json
+from app.protocols import schema, v1
 from app.resources.common import (
     JSON_TYPES,
     deadline,
     read_body,
     require_media_type,
     resolve,
-    send_json,
+    send,
 )
+from app.resources.openapi import documented
 from app.settings import LimitsSettings
 
-# TensorFlow Serving's names for the states clients poll for.
-_TF_STATES = {"READY": "AVAILABLE", "LOADING": "LOADING", "UNAVAILABLE": "UNAVAILABLE"}
+_E = ErrorCode
 
 
 class PredictResource:
@@ -35,6 +35,19 @@ class PredictResource:
         self._repository = repository
         self._limits = limits
 
+    @documented(
+        "Predict: rows, columns, or one row keyed by input names",
+        response=schema.PredictResponse | schema.PredictColumnsResponse | schema.OneRow,
+        request=schema.PredictRequest | schema.OneRow,
+        errors=(
+            _E.MODEL_NOT_FOUND,
+            _E.MODEL_NOT_READY,
+            _E.INFERENCE_FAILED,
+            _E.OVERLOADED,
+            _E.TIMEOUT,
+        ),
+        deadline=True,
+    )
     def on_post(
         self,
         req: falcon.Request,
@@ -44,12 +57,12 @@ class PredictResource:
     ) -> None:
         """Predict with the model in the path, or the default model for ``/predict``."""
         require_media_type(req, JSON_TYPES)
-        served = resolve(req, self._repository, model or self._repository.default_model, version)
+        runner = resolve(req, self._repository, model or self._repository.default_model, version)
         body = read_body(req, self._limits)
-        form, inputs = v1.parse_predict(parse_json(body), served, self._limits.max_batch_rows)
-        results = served.predict(inputs, deadline=deadline(req, served))
-        resp.set_header("X-Model-Version", served.version_str)
-        send_json(resp, v1.encode_predict(served, form, results))
+        form, inputs = v1.parse_predict(body, runner.signature, self._limits.max_batch_rows)
+        results = runner.predict(inputs, deadline=deadline(req, runner))
+        resp.set_header("X-Model-Version", runner.signature.version)
+        send(resp, v1.encode_predict(runner.signature, form, results))
 
     on_post_versioned = on_post
 
@@ -60,22 +73,13 @@ class ModelStatusResource:
     def __init__(self, repository: Repository) -> None:
         self._repository = repository
 
+    @documented(
+        "Versions of a model and their state",
+        response=schema.ModelStatus,
+        errors=(_E.MODEL_NOT_FOUND,),
+    )
     def on_get(self, req: falcon.Request, resp: falcon.Response, model: str) -> None:
         """List the model's versions and states."""
         entry = self._repository.entry(model)
         req.context.model = entry.name
-        send_json(
-            resp,
-            {
-                "model_name": entry.name,
-                "default_version": str(entry.default_version),
-                "model_version_status": [
-                    {
-                        "version": v["version"],
-                        "state": _TF_STATES[v["state"]],
-                        "status": {"error_code": "OK", "error_message": ""},
-                    }
-                    for v in entry.version_states()
-                ],
-            },
-        )
+        send(resp, v1.model_status(entry.name, entry.default_version, entry.states()))

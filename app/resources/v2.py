@@ -7,7 +7,7 @@ import falcon
 from app.errors import ErrorCode
 from app.models.errors import InvalidInput
 from app.models.repository import Repository
-from app.protocols import v2
+from app.protocols import schema, v2
 from app.resources.common import (
     BINARY_TYPE,
     JSON_TYPES,
@@ -15,12 +15,13 @@ from app.resources.common import (
     read_body,
     require_media_type,
     resolve,
-    send_json,
+    send,
 )
-from app.resources.errors import ApiError
+from app.resources.openapi import documented
 from app.settings import LimitsSettings
 
 _INFER_TYPES = JSON_TYPES | {BINARY_TYPE}
+_E = ErrorCode
 
 
 class ModelsResource:
@@ -34,36 +35,63 @@ class ModelsResource:
         self._repository = repository
         self._limits = limits
 
+    @documented(
+        "Model metadata",
+        response=schema.ModelMetadata,
+        errors=(_E.MODEL_NOT_FOUND, _E.MODEL_NOT_READY),
+    )
     def on_get(
         self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None = None
     ) -> None:
         """Model metadata; without a version, the default version's signature."""
-        served = resolve(req, self._repository, model, version)
-        doc = served.metadata()
-        if version is None:
-            doc["versions"] = [v["version"] for v in self._repository.entry(model).version_states()]
-        send_json(resp, doc)
+        runner = resolve(req, self._repository, model, version)
+        versions = (
+            [runner.signature.version]
+            if version is not None
+            else [v for v, _ in self._repository.entry(model).states()]
+        )
+        send(resp, v2.model_metadata(runner.signature, versions))
 
+    @documented(
+        "Model readiness",
+        response=schema.ModelReady,
+        errors=(_E.MODEL_NOT_FOUND, _E.MODEL_NOT_READY),
+    )
     def on_get_ready(
         self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None = None
     ) -> None:
         """200 when that version (or the default) is ready; 404 unknown, 503 loading."""
-        served = resolve(req, self._repository, model, version)
-        send_json(resp, {"name": served.name, "version": served.version_str, "ready": True})
+        send(resp, v2.model_ready(resolve(req, self._repository, model, version).signature))
 
+    @documented(
+        "Inference, Open Inference Protocol (JSON, or binary tensor data both ways)",
+        response=schema.InferResponse,
+        request=schema.InferRequest,
+        errors=(
+            _E.MODEL_NOT_FOUND,
+            _E.MODEL_NOT_READY,
+            _E.INFERENCE_FAILED,
+            _E.OVERLOADED,
+            _E.TIMEOUT,
+        ),
+        binary=True,
+        deadline=True,
+    )
     def on_post_infer(
         self, req: falcon.Request, resp: falcon.Response, model: str, version: str | None = None
     ) -> None:
         """Run an inference request, JSON or with binary tensor data."""
         require_media_type(req, _INFER_TYPES)
-        served = resolve(req, self._repository, model, version)
+        runner = resolve(req, self._repository, model, version)
         header_length = _header_length(req)
         body = read_body(req, self._limits)
-        request = v2.parse_infer(body, header_length, served, self._limits.max_tensor_elements)
-        due = deadline(req, served, request.timeout)
-        results = served.predict(request.inputs, request.outputs, due)
-        data, json_length = v2.encode_infer(served, request, results)
-        resp.set_header("X-Model-Version", served.version_str)
+        request = v2.parse_infer(
+            body, header_length, runner.signature, self._limits.max_tensor_elements
+        )
+        due = deadline(req, runner, request.timeout)
+        results = runner.predict(request.inputs, request.outputs, due)
+        data, json_length = v2.encode_infer(runner.signature, request, results)
+        resp.set_header("X-Model-Version", runner.signature.version)
         resp.data = data
         if json_length is None:
             resp.content_type = falcon.MEDIA_JSON
@@ -88,21 +116,14 @@ class RepositoryIndexResource:
         self._repository = repository
         self._limits = limits
 
+    @documented(
+        "Every model version and its state (read-only)",
+        response=list[schema.RepositoryIndexEntry],
+        request=schema.RepositoryIndexRequest,
+    )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """List the repository; ``{"ready": true}`` keeps only ready versions."""
         require_media_type(req, JSON_TYPES)
-        body = read_body(req, self._limits)
-        only_ready = False
-        if body.strip():
-            doc = v2.parse_json(body)
-            if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
-                raise ApiError(
-                    ErrorCode.INVALID_INPUT, 'body must be an object like {"ready": true}'
-                )
-            only_ready = doc.get("ready", False)
-        index = [
-            dict(item, reason="")
-            for item in self._repository.index()
-            if not only_ready or item["state"] == "READY"
-        ]
-        send_json(resp, index)
+        only_ready = v2.parse_index_request(read_body(req, self._limits))
+        versions = ((m.name, m.version_str, m.state) for m in self._repository.models())
+        send(resp, v2.repository_index(versions, only_ready))

@@ -22,6 +22,7 @@ from app.models.errors import (
     RepositoryError,
 )
 from app.models.onnx import OnnxModel, RuntimeOptions
+from app.models.runner import Runner
 from tests import onnx_factory
 from tests.conftest import DEMO_MODELS
 
@@ -29,15 +30,15 @@ MLP = DEMO_MODELS / "mlp" / "1" / "model.onnx"
 TABULAR = DEMO_MODELS / "tabular" / "2" / "model.onnx"
 
 
-def batching_model(path: Path, recorder: Any = None, **batching: Any) -> OnnxModel:
+def batching_model(path: Path, recorder: Any = None, **batching: Any) -> Runner:
     options = BatchingOptions(**{"max_batch_size": 16, "max_queue_delay": 0.01, **batching})
     model = OnnxModel("m", 1, path, RuntimeOptions(warmup_runs=1, batching=options), recorder)
     model.load()
-    return model
+    return Runner(model)
 
 
 def burst(
-    model: OnnxModel,
+    model: Runner,
     feeds: list[dict[str, np.ndarray]],
     outputs: list[list[str] | None] | None = None,
 ) -> list[Any]:

@@ -29,32 +29,33 @@ def test_signature_from_the_model() -> None:
 def test_validation_and_batch_limit() -> None:
     model = load(DEMO_MODELS / "regression" / "1" / "model.onnx", max_batch_rows=4)
     ok = np.zeros((4, 10), dtype=np.float32)
-    assert model.predict({"input": ok})["variable"].shape == (4, 1)
+    model.validate({"input": ok})
+    assert model.run(["variable"], {"input": ok})[0].shape == (4, 1)
     with pytest.raises(PayloadTooLarge):
-        model.predict({"input": np.zeros((5, 10), dtype=np.float32)})
+        model.validate({"input": np.zeros((5, 10), dtype=np.float32)})
     with pytest.raises(InvalidInput, match="FP32"):
-        model.predict({"input": ok.astype(np.float64)})
+        model.validate({"input": ok.astype(np.float64)})
     with pytest.raises(InvalidInput, match="missing"):
-        model.predict({})
+        model.validate({})
     with pytest.raises(InvalidInput, match="no input 'x'"):
-        model.predict({"input": ok, "x": ok})
-    with pytest.raises(InvalidInput, match="no output"):
-        model.predict({"input": ok}, ["nope"])
+        model.validate({"input": ok, "x": ok})
 
 
-def test_inference_observer_sees_every_run() -> None:
-    recorder = onnx_factory.Recorder()
+def test_signature_carries_what_model_toml_says() -> None:
     model = OnnxModel(
-        "reg",
-        3,
+        "m",
+        2,
         DEMO_MODELS / "regression" / "1" / "model.onnx",
-        RuntimeOptions(warmup_runs=2),
-        observer=recorder,
+        RuntimeOptions(warmup_runs=0),
+        labels=["a", "b"],
+        description="about",
     )
     model.load()
-    assert recorder.runs == []  # warm-up is not traffic
-    model.predict({"input": np.zeros((1, 10), dtype=np.float32)})
-    assert recorder.runs == [("reg", "3")]
+    assert model.signature.name == "m"
+    assert model.signature.version == "2"
+    assert model.signature.labels == ("a", "b")
+    assert model.signature.description == "about"
+    assert [s.name for s in model.signature.inputs] == ["input"]
 
 
 def test_warmup_failure_refuses_the_model(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
 from app.models.onnx import RuntimeOptions
 from app.models.repository import Repository
+from app.models.runner import CooperativeRunner
 from tests import onnx_factory
 from tests.conftest import DEMO_MODELS
 
@@ -38,8 +39,8 @@ def test_newest_version_is_default(tmp_path: Path) -> None:
     (tmp_path / "README.txt").write_text("not a model")
     repo = scan(tmp_path)
     repo.load()
-    assert repo.get("m").version == 10
-    assert repo.get("m", "3").version == 3
+    assert repo.get("m").model.version == 10
+    assert repo.get("m", "3").model.version == 3
     assert [m.version for m in repo.models()] == [1, 3, 10]
 
 
@@ -235,3 +236,12 @@ def test_batching_config_reaches_the_model(tmp_path: Path) -> None:
         (2, 4),
     )
     assert repo.largest_batch == 8
+
+
+def test_the_worker_chooses_the_runner(tmp_path: Path) -> None:
+    onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "m")
+    repo = scan(tmp_path)
+    repo.load(CooperativeRunner)
+    runner = repo.get("m")
+    assert type(runner) is CooperativeRunner
+    assert runner.signature is runner.model.signature

@@ -16,7 +16,7 @@ def counting(**params):
     return counted(**params)
 md.entry_points = counting
 from gevent import monkey
-from app.workers import GeventWorker
+from app.server.gevent_worker import GeventWorker
 worker = object.__new__(GeventWorker)
 worker.sockets = []
 worker.patch()

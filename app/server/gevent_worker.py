@@ -1,9 +1,4 @@
-"""gunicorn worker classes of the appliance.
-
-Every class answers the requests gunicorn itself refuses (a bad request line, a URL or
-headers over the limits, both Content-Length and Transfer-Encoding...) with the appliance's
-JSON error body and a request id, as every other error, instead of gunicorn's HTML page
-(:class:`JsonErrors`).
+"""The appliance's default worker class.
 
 :class:`GeventWorker` is gunicorn's gevent worker (every connection a greenlet on the worker's
 one thread) made fair between keep-alive connections. A thread per request (gthread) pays a
@@ -19,7 +14,6 @@ NGINX sends its next requests to the live workers instead of the old ones.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import socket
 import time
@@ -27,100 +21,20 @@ from functools import partial
 from typing import Any
 
 import gevent
-import orjson
-import structlog
 from gevent import monkey
 from gevent.pool import Pool
 from gevent.server import StreamServer
-from gunicorn import util
-from gunicorn.http import errors as http_errors
 from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker as _GunicornGeventWorker
-from gunicorn.workers.gthread import ThreadWorker as _GunicornThreadWorker
-from gunicorn.workers.sync import SyncWorker as _GunicornSyncWorker
 
-from app.errors import code_for_http_status
-from app.middleware import REQUEST_ID_HEADER, request_id_from
-
-log = structlog.get_logger(__name__)
+from app.models.runner import CooperativeRunner, Runner
+from app.server.workers import ApplianceWorker
 
 # The longest a kept-alive connection waits for the others' turn (seconds).
 FAIR_WAIT = 0.05
 # How often the worker looks whether it was told to stop, and once stopping whether its last
 # connection has closed (seconds). gunicorn looks once a second.
 STOP_POLL = 0.1
-
-
-#: Statuses of gunicorn's refusals; any other parse error is a 400, as gunicorn has it.
-_PARSE_STATUS: tuple[tuple[type[Exception], int, str], ...] = (
-    (http_errors.LimitRequestLine, 414, "URI Too Long"),
-    (http_errors.LimitRequestHeaders, 431, "Request Header Fields Too Large"),
-    (http_errors.ExpectationFailed, 417, "Expectation Failed"),
-    (http_errors.UnsupportedTransferCoding, 501, "Not Implemented"),
-    (http_errors.ForbiddenProxyRequest, 403, "Forbidden"),
-)
-# The application's own bad headers, and bad server settings, are not the client's fault.
-_SERVER_FAULTS = (
-    http_errors.InvalidResponseHeader,
-    http_errors.InvalidResponseHeaderName,
-    http_errors.ConfigurationProblem,
-)
-
-
-def error_status(exc: BaseException) -> tuple[int, str]:
-    """The status and reason for an error gunicorn met before or around the application."""
-    if isinstance(exc, http_errors.ParseException) and not isinstance(exc, _SERVER_FAULTS):
-        for kind, status, reason in _PARSE_STATUS:
-            if isinstance(exc, kind):
-                return status, reason
-        return 400, "Bad Request"
-    return 500, "Internal Server Error"
-
-
-class JsonErrors:
-    """Answers gunicorn's own refusals as ``{"error", "error_code", "request_id"}`` JSON.
-
-    Replaces gunicorn's ``Worker.handle_error``, which writes an HTML page; the status
-    follows gunicorn's. The connection is closed afterwards, as gunicorn does.
-    """
-
-    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
-        """Log the refusal as one JSON line and answer it with the JSON error body."""
-        status, reason = error_status(exc)
-        header = REQUEST_ID_HEADER.upper()
-        presented = next((v for k, v in getattr(req, "headers", ()) if k == header), None)
-        request_id = request_id_from(presented)
-        code = code_for_http_status(status)
-        if status >= 500:
-            # Details for the operator only; the client learns that it failed.
-            log.error("unhandled_error", error=repr(exc), request_id=request_id, exc_info=exc)
-            message = "internal error; the request id is in the logs"
-        else:
-            message = str(exc) or reason
-            log.warning(
-                "bad_request",
-                status=status,
-                error_code=code,
-                error=message,
-                request_id=request_id,
-                peer=addr[0] if addr else "",
-            )
-        body = orjson.dumps({"error": message, "error_code": code, "request_id": request_id})
-        head = (
-            f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            f"{REQUEST_ID_HEADER}: {request_id}\r\n\r\n"
-        )
-        with contextlib.suppress(OSError):
-            util.write_nonblock(client, head.encode("latin-1") + body)
-
-
-class ThreadWorker(JsonErrors, _GunicornThreadWorker):  # type: ignore[misc]
-    """gunicorn's gthread worker with JSON errors."""
-
-
-class SyncWorker(JsonErrors, _GunicornSyncWorker):  # type: ignore[misc]
-    """gunicorn's sync worker with JSON errors."""
 
 
 class _KeepAliveWait(gevent.Timeout):  # type: ignore[misc]
@@ -145,9 +59,12 @@ class _KeepAliveWait(gevent.Timeout):  # type: ignore[misc]
         return super().__exit__(*exc)  # type: ignore[no-any-return]
 
 
-class GeventWorker(JsonErrors, _GunicornGeventWorker):  # type: ignore[misc]
+class GeventWorker(ApplianceWorker, _GunicornGeventWorker):  # type: ignore[misc]
     """gunicorn's gevent worker that serves its keep-alive connections in turn, and that
     lets go of its idle ones as soon as it is told to stop.
+
+    Its models run on the worker's one thread while they are fast, else in a helper thread
+    (:class:`~app.models.runner.CooperativeRunner`).
 
     A greenlet whose client has already sent its next request reads it without ever
     returning to the event loop, so one busy connection could be served many times while
@@ -155,6 +72,8 @@ class GeventWorker(JsonErrors, _GunicornGeventWorker):  # type: ignore[misc]
     greenlet waits until the loop has nothing else to do, bounded by ``FAIR_WAIT`` so a
     flood of new connections cannot stall a kept-alive one.
     """
+
+    runner: type[Runner] = CooperativeRunner
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -1,0 +1,186 @@
+"""How one worker runs one model version: admission, deadlines, batching, and the thread.
+
+A :class:`Runner` is what the repository hands out for a request. It validates the feed,
+admits it through the model's :class:`~app.models.scheduling.Gate` (or its
+:class:`~app.models.batching.Batcher`), cancels a run that outlives its deadline, and maps
+onnxruntime's failures to domain errors. The worker chooses the kind when it loads the
+repository: :class:`Runner` runs sessions on the calling thread (gthread and sync workers, and
+``onnx-appliance check``); :class:`CooperativeRunner`, for gevent workers, does that only
+while runs are fast and hands slow ones to a helper thread, so the worker's one thread keeps
+reading requests, shedding load and answering health checks.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import structlog
+
+from app.models.batching import Batcher
+from app.models.errors import InferenceFailed, InferenceTimeout
+from app.models.onnx import OnnxModel
+from app.models.scheduling import WATCHDOG, Gate, run_in_thread
+
+log = structlog.get_logger(__name__)
+
+#: Inline runs in a row over ``inline_run_us`` (CPU time) that move a model to a helper thread.
+SLOW_STREAK = 3
+_NODE_RE = re.compile(r"while running (\w+) node")
+
+
+class Runner:
+    """Runs one model version on the calling thread.
+
+    Args:
+        model: A loaded model version.
+    """
+
+    def __init__(self, model: OnnxModel) -> None:
+        self.model = model
+        self.signature = model.signature
+        options = model.options
+        self.gate = Gate(options.max_concurrency, options.max_queue)
+        self.batcher = (
+            Batcher(model.label, options.batching, self._run, self._report_batch)
+            if options.batching is not None
+            else None
+        )
+
+    @property
+    def timeout(self) -> float:
+        """Default deadline of a request to this model, in seconds from its arrival."""
+        return self.model.options.timeout
+
+    def predict(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Validate, wait for a run slot (or a batch) and run one inference.
+
+        Args:
+            inputs: Arrays by input name.
+            outputs: Output names to compute; ``None`` for all.
+            deadline: ``time.monotonic()`` by which the answer is due; a run still going
+                then is cancelled. ``None`` waits as long as it takes.
+
+        Returns:
+            Arrays by output name, in the order asked for (or the model's order).
+
+        Raises:
+            InvalidInput, PayloadTooLarge: the feed does not fit the model.
+            Overloaded: too many requests queued for this model.
+            InferenceTimeout: the deadline passed before or during the run.
+            InferenceFailed: onnxruntime rejected the values.
+        """
+        self.model.validate(inputs)
+        if outputs is None:
+            names = [s.name for s in self.signature.outputs]
+        else:
+            names = list(outputs)
+            self.signature.check_outputs(names)
+        if self.batcher is not None:
+            return dict(zip(names, self.batcher.submit(inputs, names, deadline), strict=True))
+        self.gate.acquire(deadline, repr(self.model.name))
+        try:
+            return dict(zip(names, self._run(names, inputs, deadline), strict=True))
+        finally:
+            self.gate.release()
+
+    def _run(
+        self, names: list[str], inputs: Mapping[str, np.ndarray], deadline: float | None
+    ) -> list[np.ndarray]:
+        model = self.model
+        options, token = None, 0
+        if deadline is not None:
+            if time.monotonic() >= deadline:
+                raise InferenceTimeout(
+                    f"model {model.name!r} could not start before the request's deadline"
+                )
+            options = model.run_options()
+            token = WATCHDOG.watch(deadline, options)
+        start = time.perf_counter()
+        try:
+            results = self._execute(names, inputs, options)
+        except Exception as exc:
+            if options is not None and options.terminate:
+                raise InferenceTimeout(
+                    f"inference of model {model.name!r} overran the request's deadline and "
+                    "was cancelled"
+                ) from None
+            log.warning(
+                "inference_failed", model=model.name, version=model.version_str, error=str(exc)
+            )
+            raise InferenceFailed(
+                f"model {model.name!r} could not run on these inputs{_client_message(exc)}"
+            ) from None
+        finally:
+            if token:
+                WATCHDOG.done(token)
+        if model.observer is not None:
+            model.observer.inference(model.name, model.version_str, time.perf_counter() - start)
+        return results
+
+    def _execute(
+        self, names: list[str], inputs: Mapping[str, np.ndarray], options: Any
+    ) -> list[np.ndarray]:
+        """One session run, here on the calling thread."""
+        return self.model.run(names, inputs, options)
+
+    def _report_batch(self, rows: int, waits: list[float]) -> None:
+        model = self.model
+        if model.observer is not None:
+            model.observer.batch(model.name, model.version_str, rows, waits)
+
+
+class CooperativeRunner(Runner):
+    """Runs one model version in a gevent worker: inline while fast, else in a helper thread.
+
+    A model whose warm-up took at most ``inline_run_us`` (or that was never warmed up: then
+    it is slow until shown otherwise) runs on the worker's own thread, which costs nothing
+    but holds every other connection for the length of the run. Once ``SLOW_STREAK`` runs in
+    a row take longer than that in CPU time (run time depends on the inputs too), its runs go
+    to a helper thread for good. One slow run is not enough: a garbage collection can land in
+    any run.
+    """
+
+    def __init__(self, model: OnnxModel) -> None:
+        super().__init__(model)
+        warmup = model.warmup_seconds
+        self.inline_run_us = model.options.inline_run_us
+        self.offload = warmup is None or warmup * 1e6 > self.inline_run_us
+        self._slow_streak = 0
+
+    def _execute(
+        self, names: list[str], inputs: Mapping[str, np.ndarray], options: Any
+    ) -> list[np.ndarray]:
+        """One session run, inline or in a helper thread."""
+        if self.offload:
+            return run_in_thread(self.model.run, names, inputs, options)
+        # CPU time of this thread, not wall time: a run the OS preempted is not a slow run.
+        cpu_start = time.thread_time()
+        results = self.model.run(names, inputs, options)
+        cpu = time.thread_time() - cpu_start
+        self._slow_streak = self._slow_streak + 1 if cpu * 1e6 > self.inline_run_us else 0
+        if self._slow_streak >= SLOW_STREAK:
+            self.offload = True
+            log.warning(
+                "model_runs_offloaded",
+                model=self.model.name,
+                version=self.model.version_str,
+                run_cpu_ms=round(cpu * 1000, 3),
+                inline_run_us=self.inline_run_us,
+            )
+        return results
+
+
+def _client_message(exc: Exception) -> str:
+    # onnxruntime's text names its source files and C++ internals; the client gets the
+    # operator that failed, the operator's log gets the full text.
+    match = _NODE_RE.search(str(exc))
+    return f" (the {match.group(1)} operator rejected them)" if match else ""
