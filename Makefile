@@ -11,7 +11,7 @@ export UV_LINK_MODE := copy
 # compiles the sources again where PYTHONDONTWRITEBYTECODE is set.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: run test lint typecheck format demo-models check clean bench bench-smoke dist test-appliance loadtest
+.PHONY: run test test-fast lint typecheck format demo-models check clean bench bench-smoke dist test-appliance loadtest
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: $(VENV)/.dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+# The unit tier (no server processes), for the edit-test loop: well under a minute.
+test-fast: $(VENV)/.dev
+	$(BIN)/pytest -q -m unit
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,22 @@ from tests import onnx_factory
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODELS = ROOT / "app" / "demo_models"
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tiers by place: tests/e2e starts real servers (``e2e``); everything else is ``unit``."""
+    for item in items:
+        item.add_marker(pytest.mark.e2e if item.path.is_relative_to(E2E) else pytest.mark.unit)
+
+
+def wait_until(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    """Wait for ``predicate`` to hold (an event, not a guess at how long it takes)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.002)
 
 
 def make_settings(repository: Path, **sections: dict[str, Any]) -> Settings:

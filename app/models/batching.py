@@ -95,6 +95,11 @@ class Batcher:
         self._leading = False  # a thread is collecting or running a batch
         self._preferred = frozenset(options.preferred_batch_sizes)
 
+    @property
+    def state(self) -> tuple[bool, int]:
+        """(a batch is being collected or run, requests waiting) right now."""
+        return self._leading, len(self._queue)
+
     def submit(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], deadline: float | None
     ) -> list[np.ndarray]:

@@ -28,6 +28,8 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "packaging"))
 import dist
 
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
 CACHE_ROOT = Path(
     os.environ.get("ONNX_APPLIANCE_ROOTFS_CACHE", Path.home() / ".cache" / "onnx-appliance")
 )

@@ -9,7 +9,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 # MLServer and BentoML may be skipped with a message when they cannot be installed.
 REQUIRED = (

@@ -17,6 +17,8 @@ from tests.conftest import DEMO_MODELS, ROOT
 sys.path.insert(0, str(ROOT / "packaging"))
 import dist
 
+pytestmark = pytest.mark.slow
+
 
 def offline_env() -> dict[str, str]:
     """No pip configuration, find-links or index: only what the artifact carries."""

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from loadtests.edge import Edge, run_edge
 from loadtests.traffic import Report, Traffic
 from tests import onnx_factory
@@ -33,6 +35,8 @@ from tests.e2e.conftest import (
     run_server,
     wait_for_event,
 )
+
+pytestmark = pytest.mark.slow
 
 NAME = "localhost"
 ROW = [0.5] * 30

@@ -8,8 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from loadtests.loadtest import DEFAULT_SLO, Scenario, judge, load_slo
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
 
 SLO = """
 [defaults]

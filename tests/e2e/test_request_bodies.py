@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from tests.e2e.conftest import Server, json_lines, run_server
 
 INFER = "/v2/models/regression/infer"
@@ -225,6 +226,12 @@ def test_gunicorns_own_errors_are_json_with_a_request_id(
     assert doc["request_id"] == reply.headers["x-request-id"] != ""
     assert "<html" not in reply.body.decode().lower()
     assert reply.closed
-    time.sleep(0.1)
-    refusals = [x for x in json_lines(server.log_path) if x.get("request_id") == doc["request_id"]]
-    assert [(x["event"], x["status"]) for x in refusals] == [("bad_request", status)]
+
+    def refusals() -> list[tuple[str, int]]:
+        lines = json_lines(server.log_path)
+        return [
+            (x["event"], x["status"]) for x in lines if x.get("request_id") == doc["request_id"]
+        ]
+
+    wait_until(refusals, "the refusal's log line")
+    assert refusals() == [("bad_request", status)]

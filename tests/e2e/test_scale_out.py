@@ -39,6 +39,8 @@ from tests.conftest import ROOT
 from tests.e2e.conftest import DRILL_REPORTS, children, json_lines
 from tests.e2e.test_appliance import CACHE_ROOT, _base_rootfs, dist
 
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
 BIN = Path(sys.executable).parent
 LAB_PACKAGES = ["nginx", "openssh-server", "python3-cryptography"]
 NET = "10.231.0"

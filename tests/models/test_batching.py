@@ -24,7 +24,7 @@ from app.models.errors import (
 from app.models.onnx import OnnxModel, RuntimeOptions
 from app.models.runner import Runner
 from tests import onnx_factory
-from tests.conftest import DEMO_MODELS
+from tests.conftest import DEMO_MODELS, wait_until
 
 MLP = DEMO_MODELS / "mlp" / "1" / "model.onnx"
 TABULAR = DEMO_MODELS / "tabular" / "2" / "model.onnx"
@@ -135,11 +135,11 @@ def test_queue_full_sheds_and_late_requests_are_not_run(tmp_path: Path) -> None:
         target=model.predict, args=(x,), kwargs={"deadline": time.monotonic() + 30}
     )
     busy.start()
-    time.sleep(0.02)
+    wait_until(lambda: model.batcher.state == (True, 0), "the busy request to run")  # type: ignore[union-attr]
     with pytest.raises(InferenceTimeout):
         model.predict(x, deadline=time.monotonic() + 0.03)
     busy.join(30)
-    time.sleep(0.05)
+    assert model.batcher.state == (False, 0)  # type: ignore[union-attr]
     assert len(recorder.runs) == runs_before + 1  # the late request never ran
 
 
@@ -198,10 +198,12 @@ def test_a_queued_request_past_its_deadline_leaves_the_queue_and_others_still_ru
         answers.append(model.predict(feed(), deadline=time.monotonic() + 30))
 
     threads = [threading.Thread(target=patient) for _ in range(2)]
+    batcher = model.batcher
+    assert batcher is not None
     threads[0].start()  # runs first, and slowly
-    time.sleep(0.02)
+    wait_until(lambda: batcher.state == (True, 0), "the first request to run")
     threads[1].start()  # queued in front of the impatient one
-    time.sleep(0.02)
+    wait_until(lambda: batcher.state == (True, 1), "the second request to queue")
     with pytest.raises(InferenceTimeout, match="deadline"):
         model.predict(feed(), deadline=time.monotonic() + 0.03)
     for thread in threads:

@@ -12,7 +12,7 @@ from app.models.errors import InferenceTimeout, InvalidInput, Overloaded
 from app.models.onnx import OnnxModel, RuntimeOptions
 from app.models.runner import Runner
 from tests import onnx_factory
-from tests.conftest import DEMO_MODELS
+from tests.conftest import DEMO_MODELS, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +74,13 @@ def test_queued_request_past_deadline_is_not_run(slow: Runner) -> None:
         target=slow.predict, args=(feed(3000),), kwargs={"deadline": time.monotonic() + 30}
     )
     busy.start()
-    time.sleep(0.05)
+    wait_until(lambda: slow.gate.load == (1, 0), "the busy run to start")
     with pytest.raises(InferenceTimeout, match="could not start"):
         slow.predict(feed(1), deadline=time.monotonic() + 0.05)
     with pytest.raises(Overloaded):  # one running, one queued... then a third is shed
         waiter = threading.Thread(target=lambda: _swallow(slow))
         waiter.start()
-        time.sleep(0.05)
+        wait_until(lambda: slow.gate.load == (1, 1), "a request to queue")
         slow.predict(feed(1), deadline=time.monotonic() + 30)
     busy.join(30)
     waiter.join(30)

@@ -12,6 +12,7 @@ import pytest
 
 from app.models.errors import InferenceTimeout, Overloaded
 from app.models.scheduling import Gate
+from tests.conftest import wait_until
 
 
 def test_gate_sheds_when_the_queue_is_full() -> None:
@@ -47,6 +48,7 @@ GEVENT_PRELUDE = """
 from gevent import monkey; monkey.patch_all()
 import gevent, greenlet
 from app.models.scheduling import Gate
+from tests.conftest import wait_until
 """
 
 
@@ -90,8 +92,7 @@ def test_watchdog_sleeps_when_idle_and_is_not_woken_per_run() -> None:
     dog.IDLE_TICKS = 5  # asleep after 50 ms without runs
     options = SimpleNamespace(terminate=False)
     dog.done(dog.watch(time.monotonic() + 60, options))  # starts the thread
-    time.sleep(0.3)
-    assert dog._sleeping
+    wait_until(lambda: dog._sleeping, "the idle watchdog to sleep", timeout=5)
     for _ in range(1000):  # a busy worker: runs come and go
         dog.done(dog.watch(time.monotonic() + 60, options))
     assert dog.wakes == 1  # only the first run after the nap woke it

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import re
-import zlib
 from typing import Any
 
 import orjson
@@ -182,36 +180,6 @@ def test_truncated_binary_bytes_element(client: TestClient) -> None:
     assert_still_serving(client)
 
 
-def test_body_over_limit_is_413(extra_client: TestClient) -> None:
-    # extra_client keeps the default 8 MiB body limit; send 9 MiB.
-    body = b'{"inputs": [' + b" " * (9 * 1024 * 1024) + b"]}"
-    result = extra_client.simulate_post("/v2/models/tabular/infer", body=body)
-    assert_error(result, 413, "PAYLOAD_TOO_LARGE")
-
-
-@pytest.mark.parametrize(
-    "content_type",
-    [
-        "text/plain",
-        "application/x-www-form-urlencoded",
-        "multipart/form-data; boundary=x",
-        "application/xml",
-    ],
-)
-def test_unsupported_content_type_is_415(client: TestClient, content_type: str) -> None:
-    result = client.simulate_post(
-        "/v2/models/tabular/infer", body=raw(GOOD), headers={"Content-Type": content_type}
-    )
-    assert_error(result, 415, "UNSUPPORTED_MEDIA_TYPE")
-    result = client.simulate_post(
-        "/v1/models/tabular:predict",
-        body=b'{"instances": [[1]]}',
-        headers={"Content-Type": content_type},
-    )
-    assert_error(result, 415, "UNSUPPORTED_MEDIA_TYPE")
-    assert_still_serving(client)
-
-
 def test_values_beyond_fp32_are_refused_on_the_simple_route_too(client: TestClient) -> None:
     result = client.simulate_post("/predict", json={"instances": [[1e39] + [0.5] * 29]})
     assert_error(result, 400, "INVALID_INPUT")
@@ -219,52 +187,6 @@ def test_values_beyond_fp32_are_refused_on_the_simple_route_too(client: TestClie
     assert client.simulate_post("/predict", json={"instances": [[3e38] + [0.5] * 29]}).status == (
         "200 OK"
     )
-
-
-def test_a_gzip_body_is_decoded(client: TestClient) -> None:
-    result = client.simulate_post(
-        "/v2/models/tabular/infer",
-        body=gzip.compress(raw(GOOD)),
-        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
-    )
-    assert result.status_code == 200, result.text
-    plain = client.simulate_post("/v2/models/tabular/infer", json=GOOD)
-    assert result.json["outputs"] == plain.json["outputs"]
-
-
-@pytest.mark.parametrize(
-    ("encoding", "body", "status", "fragment"),
-    [
-        ("br", raw(GOOD), 415, "Content-Encoding 'br' is not supported"),
-        ("deflate", zlib.compress(raw(GOOD)), 415, "Content-Encoding 'deflate'"),
-        ("gzip, gzip", raw(GOOD), 415, "Content-Encoding 'gzip, gzip'"),
-        ("gzip", raw(GOOD), 400, "labelled gzip but is not gzip data"),
-        ("gzip", gzip.compress(raw(GOOD))[:-8], 400, "truncated"),
-        ("gzip", gzip.compress(raw(GOOD)) + b"junk", 400, "data after its end"),
-        ("gzip", gzip.compress(b" " * (9 * 1024 * 1024)), 413, "decoded request body"),
-    ],
-)
-def test_bodies_in_encodings_not_read_here_are_refused(
-    client: TestClient, encoding: str, body: bytes, status: int, fragment: str
-) -> None:
-    result = client.simulate_post(
-        "/v2/models/tabular/infer",
-        body=body,
-        headers={"Content-Type": "application/json", "Content-Encoding": encoding},
-    )
-    code = {400: "INVALID_INPUT", 413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}
-    assert_error(result, status, code[status])
-    assert fragment in result.json["error"]
-    assert_still_serving(client)
-
-
-def test_json_with_charset_is_accepted(client: TestClient) -> None:
-    result = client.simulate_post(
-        "/v2/models/tabular/infer",
-        body=raw(GOOD),
-        headers={"Content-Type": "application/json; charset=utf-8"},
-    )
-    assert result.status_code == 200
 
 
 @pytest.mark.parametrize(

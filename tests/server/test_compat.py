@@ -21,13 +21,12 @@ from gunicorn import sock, systemd, util
 from gunicorn.arbiter import Arbiter
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
-from gunicorn.http import errors as http_errors
 from gunicorn.http.wsgi import Response
 from gunicorn.workers import base, base_async, ggevent
 
 from app.server import compat
 from app.server.gevent_worker import GeventWorker
-from app.server.workers import ApplianceWorker, error_status
+from app.server.workers import ApplianceWorker
 
 # Source fingerprints of the gunicorn code that app/server copies or overrides.
 FINGERPRINTS: dict[Callable[..., Any], str] = {
@@ -74,7 +73,9 @@ def test_systemd_activation_is_read_without_clearing_it(monkeypatch: pytest.Monk
 
 
 def test_a_response_can_be_told_to_close_through_start_response() -> None:
-    req = type("Req", (), {"version": (1, 1), "method": "POST", "should_close": lambda: False})()
+    req = type(
+        "Req", (), {"version": (1, 1), "method": "POST", "should_close": lambda self: False}
+    )()
     resp = Response(req, None, type("Cfg", (), {"is_ssl": False})())
     compat.force_close(resp.start_response)
     assert resp.should_close()
@@ -87,19 +88,3 @@ def test_error_writer_and_handler_signature() -> None:
     theirs = inspect.signature(base.Worker.handle_error).parameters
     assert list(ours) == list(theirs)
     assert GeventWorker.__mro__.index(ApplianceWorker) < GeventWorker.__mro__.index(base.Worker)
-
-
-@pytest.mark.parametrize(
-    ("error", "status"),
-    [
-        (http_errors.InvalidRequestLine("x"), 400),
-        (http_errors.LimitRequestLine(5000, 4094), 414),
-        (http_errors.LimitRequestHeaders("too many"), 431),
-        (http_errors.UnsupportedTransferCoding("gzip"), 501),
-        (http_errors.InvalidHeader("CONTENT-LENGTH"), 400),
-        (http_errors.InvalidResponseHeader("x"), 500),
-        (ValueError("app bug"), 500),
-    ],
-)
-def test_statuses_follow_gunicorns(error: Exception, status: int) -> None:
-    assert error_status(error)[0] == status
