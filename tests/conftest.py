@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +38,22 @@ def wait_until(predicate: Callable[[], object], what: str, timeout: float = 10.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.002)
+
+
+def run_python(script: str, *args: str, timeout: float = 120) -> list[str]:
+    """Run ``script`` in a fresh interpreter (for gevent's monkey patching, which cannot be
+    undone) from the repository root; returns the words after ``>`` on its lines that start so
+    (the script's own lines: log lines go to stdout too)."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return [line[2:] for line in result.stdout.splitlines() if line.startswith("> ")]
 
 
 def make_settings(repository: Path, **sections: dict[str, Any]) -> Settings:

@@ -42,6 +42,7 @@ class Runner:
     def __init__(self, model: OnnxModel) -> None:
         self.model = model
         self.signature = model.signature
+        self._all_outputs = [s.name for s in model.signature.outputs]
         options = model.options
         self.gate = Gate(options.max_concurrency, options.max_queue)
         self.batcher = (
@@ -80,7 +81,7 @@ class Runner:
         """
         self.model.validate(inputs)
         if outputs is None:
-            names = [s.name for s in self.signature.outputs]
+            names = self._all_outputs
         else:
             names = list(outputs)
             self.signature.check_outputs(names)

@@ -28,6 +28,7 @@ from app.protocols.tensors import (
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
+_NO_PARAMETERS = schema.InferParameters()
 
 
 @dataclass(slots=True)
@@ -114,7 +115,7 @@ def parse_infer(
         raise InvalidInput(
             f"the body has {len(binary) - offset} bytes of binary data that no input claims"
         )
-    parameters = request.parameters or schema.InferParameters()
+    parameters = request.parameters or _NO_PARAMETERS
     timeout = parameters.timeout / 1_000_000 if parameters.timeout is not UNSET else None
     inference = Inference(request.id, inputs, timeout)
     _requested_outputs(request, parameters.binary_data_output, signature, inference)

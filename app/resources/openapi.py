@@ -56,6 +56,14 @@ BODY_ERRORS = (
     _E.PAYLOAD_TOO_LARGE,
     _E.UNSUPPORTED_MEDIA_TYPE,
 )
+#: Codes of every route that runs a model.
+INFERENCE_ERRORS = (
+    _E.MODEL_NOT_FOUND,
+    _E.MODEL_NOT_READY,
+    _E.INFERENCE_FAILED,
+    _E.OVERLOADED,
+    _E.TIMEOUT,
+)
 #: Codes any route that needs a key can answer, once keys are configured.
 KEY_ERRORS = (_E.UNAUTHENTICATED, _E.RATE_LIMITED)
 

@@ -16,7 +16,7 @@ from app.resources.common import (
     resolve,
     send,
 )
-from app.resources.openapi import documented
+from app.resources.openapi import INFERENCE_ERRORS, documented
 from app.settings import LimitsSettings
 
 _E = ErrorCode
@@ -39,13 +39,7 @@ class PredictResource:
         "Predict: rows, columns, or one row keyed by input names",
         response=schema.PredictResponse | schema.PredictColumnsResponse | schema.OneRow,
         request=schema.PredictRequest | schema.OneRow,
-        errors=(
-            _E.MODEL_NOT_FOUND,
-            _E.MODEL_NOT_READY,
-            _E.INFERENCE_FAILED,
-            _E.OVERLOADED,
-            _E.TIMEOUT,
-        ),
+        errors=INFERENCE_ERRORS,
         deadline=True,
     )
     def on_post(

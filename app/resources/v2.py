@@ -17,7 +17,7 @@ from app.resources.common import (
     resolve,
     send,
 )
-from app.resources.openapi import documented
+from app.resources.openapi import INFERENCE_ERRORS, documented
 from app.settings import LimitsSettings
 
 _INFER_TYPES = JSON_TYPES | {BINARY_TYPE}
@@ -67,13 +67,7 @@ class ModelsResource:
         "Inference, Open Inference Protocol (JSON, or binary tensor data both ways)",
         response=schema.InferResponse,
         request=schema.InferRequest,
-        errors=(
-            _E.MODEL_NOT_FOUND,
-            _E.MODEL_NOT_READY,
-            _E.INFERENCE_FAILED,
-            _E.OVERLOADED,
-            _E.TIMEOUT,
-        ),
+        errors=INFERENCE_ERRORS,
         binary=True,
         deadline=True,
     )

@@ -12,7 +12,7 @@ from app.models.errors import InferenceTimeout, InvalidInput, Overloaded
 from app.models.onnx import OnnxModel, RuntimeOptions
 from app.models.runner import Runner
 from tests import onnx_factory
-from tests.conftest import DEMO_MODELS, wait_until
+from tests.conftest import DEMO_MODELS, run_python, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -115,26 +115,8 @@ def load(**options):
 
 
 def run_patched(slow_path: str, script: str) -> str:
-    """Run ``script`` after :data:`GEVENT_PRELUDE` in a gevent-patched interpreter.
-
-    Returns:
-        The words of the lines the script printed with a leading ``>``.
-    """
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    result = subprocess.run(
-        [sys.executable, "-c", GEVENT_PRELUDE + script, slow_path],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    assert result.returncode == 0, result.stderr
-    # Only the script's own lines (log lines go to stdout too).
-    return " ".join(line[2:] for line in result.stdout.splitlines() if line.startswith("> "))
+    """The ``>`` lines of ``script``, run after :data:`GEVENT_PRELUDE`, as one string."""
+    return " ".join(run_python(GEVENT_PRELUDE + script, slow_path))
 
 
 @pytest.fixture(scope="module")

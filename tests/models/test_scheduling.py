@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from app.models.errors import InferenceTimeout, Overloaded
 from app.models.scheduling import Gate
-from tests.conftest import wait_until
+from tests.conftest import run_python, wait_until
 
 
 def test_gate_sheds_when_the_queue_is_full() -> None:
@@ -48,19 +45,16 @@ GEVENT_PRELUDE = """
 from gevent import monkey; monkey.patch_all()
 import gevent, greenlet
 from app.models.scheduling import Gate
-from tests.conftest import wait_until
+from tests.conftest import run_python, wait_until
 """
 
 
 def test_gevent_gate_release_does_not_yield() -> None:
     # A Condition over a plain Lock probes ownership with a failed acquire on notify(),
     # and gevent's Lock yields on that: every request then waited for all the others.
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            GEVENT_PRELUDE
-            + """
+    out = run_python(
+        GEVENT_PRELUDE
+        + """
 switches = []
 gate = Gate(concurrency=1, max_queue=4)
 other = gevent.spawn(lambda: None)  # runnable: a yield would switch to it
@@ -71,16 +65,9 @@ for _ in range(100):
 greenlet.settrace(None)
 print(">", "switches", len(switches))
 other.join()
-""",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=Path(__file__).resolve().parents[2],
+"""
     )
-    assert result.returncode == 0, result.stderr
-    assert "> switches 0" in result.stdout.splitlines(), result.stdout
+    assert out == ["switches 0"], out
 
 
 def test_watchdog_sleeps_when_idle_and_is_not_woken_per_run() -> None:
