@@ -104,6 +104,7 @@ class OnnxModel:
         #: without warm-up runs).
         self.warmup_seconds: float | None = None
         self._session: Any = None
+        self._run_options: Any = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -139,6 +140,7 @@ class OnnxModel:
             old.name, old.version, inputs, outputs, old.labels, old.description
         )
         self._session = session
+        self._run_options = ort.RunOptions
         if self.options.batching is not None:
             unbatched = [s.name for s in (*inputs, *outputs) if not s.batched]
             if unbatched:
@@ -257,9 +259,7 @@ class OnnxModel:
 
     def run_options(self) -> Any:
         """A fresh ``onnxruntime.RunOptions`` whose run can be cancelled quietly."""
-        import onnxruntime as ort
-
-        options = ort.RunOptions()
+        options = self._run_options()
         options.log_severity_level = 4  # a cancelled run is expected, not an error
         return options
 

@@ -35,16 +35,21 @@ EncodedValues = Annotated[
 ]
 
 
+class _Body(Struct, gc=False):
+    """Base of every body: plain data that never forms a reference cycle, so the garbage
+    collector need not track it (it is created and dropped several times per request)."""
+
+
 # -- Open Inference Protocol: inference ------------------------------------------------------
 
 
-class InputParameters(Struct, omit_defaults=True):
+class InputParameters(_Body, omit_defaults=True):
     """``parameters`` of one input tensor (others are accepted and ignored)."""
 
     binary_data_size: Annotated[int, Meta(ge=0)] | UnsetType = UNSET
 
 
-class RequestInput(Struct, kw_only=True):
+class RequestInput(_Body, kw_only=True):
     """One input tensor: ``data`` as JSON, or its bytes after the JSON header."""
 
     name: str
@@ -60,20 +65,20 @@ class RequestInput(Struct, kw_only=True):
     parameters: InputParameters | None = None
 
 
-class OutputParameters(Struct):
+class OutputParameters(_Body):
     """``parameters`` of one requested output."""
 
     binary_data: bool = False
 
 
-class RequestOutput(Struct, kw_only=True):
+class RequestOutput(_Body, kw_only=True):
     """One output the client asks for."""
 
     name: str
     parameters: OutputParameters | None = None
 
 
-class InferParameters(Struct, omit_defaults=True):
+class InferParameters(_Body, omit_defaults=True):
     """Request-wide ``parameters``."""
 
     binary_data_output: bool = False
@@ -83,7 +88,7 @@ class InferParameters(Struct, omit_defaults=True):
     ) = UNSET
 
 
-class InferRequest(Struct, kw_only=True):
+class InferRequest(_Body, kw_only=True):
     """``POST /v2/models/{m}/infer``."""
 
     id: str | None = None
@@ -92,13 +97,13 @@ class InferRequest(Struct, kw_only=True):
     outputs: list[RequestOutput] | None = None
 
 
-class ResponseParameters(Struct):
+class ResponseParameters(_Body):
     """``parameters`` of an output sent as binary tensor data."""
 
     binary_data_size: int
 
 
-class ResponseOutput(Struct, kw_only=True):
+class ResponseOutput(_Body, kw_only=True):
     """One output tensor of an inference response."""
 
     name: str
@@ -108,7 +113,7 @@ class ResponseOutput(Struct, kw_only=True):
     parameters: ResponseParameters | UnsetType = UNSET
 
 
-class InferResponse(Struct, kw_only=True):
+class InferResponse(_Body, kw_only=True):
     """An inference response; ``id`` echoes the request's."""
 
     model_name: str
@@ -120,7 +125,7 @@ class InferResponse(Struct, kw_only=True):
 # -- Open Inference Protocol: server, health, metadata, repository -------------------------
 
 
-class ServerMetadata(Struct):
+class ServerMetadata(_Body):
     """``GET /v2``."""
 
     name: str
@@ -128,19 +133,19 @@ class ServerMetadata(Struct):
     extensions: list[str]
 
 
-class Live(Struct):
+class Live(_Body):
     """Liveness."""
 
     live: bool
 
 
-class Ready(Struct):
+class Ready(_Body):
     """Readiness."""
 
     ready: bool
 
 
-class TensorMetadata(Struct):
+class TensorMetadata(_Body):
     """One input or output of a model's signature."""
 
     name: str
@@ -148,14 +153,14 @@ class TensorMetadata(Struct):
     shape: SignatureShape
 
 
-class ModelParameters(Struct, omit_defaults=True):
+class ModelParameters(_Body, omit_defaults=True):
     """What ``model.toml`` says about the model for its clients."""
 
     labels: list[str] = msgspec.field(default_factory=list)
     description: str = ""
 
 
-class ModelMetadata(Struct, kw_only=True):
+class ModelMetadata(_Body, kw_only=True):
     """``GET /v2/models/{m}[/versions/{v}]``."""
 
     name: str
@@ -166,7 +171,7 @@ class ModelMetadata(Struct, kw_only=True):
     parameters: ModelParameters | UnsetType = UNSET
 
 
-class ModelReady(Struct):
+class ModelReady(_Body):
     """``GET /v2/models/{m}[/versions/{v}]/ready``."""
 
     name: str
@@ -174,13 +179,13 @@ class ModelReady(Struct):
     ready: bool
 
 
-class RepositoryIndexRequest(Struct):
+class RepositoryIndexRequest(_Body):
     """``POST /v2/repository/index``; ``ready`` keeps only ready versions."""
 
     ready: bool = False
 
 
-class RepositoryIndexEntry(Struct):
+class RepositoryIndexEntry(_Body):
     """One model version in the repository index."""
 
     name: str
@@ -192,7 +197,7 @@ class RepositoryIndexEntry(Struct):
 # -- Simple JSON (TensorFlow Serving / KServe V1) ------------------------------------------
 
 
-class PredictRequest(Struct, kw_only=True):
+class PredictRequest(_Body, kw_only=True):
     """``:predict`` rows (``instances``) or columns (``inputs``).
 
     The third form, one row keyed by the model's input names, is a plain object and is
@@ -217,7 +222,7 @@ class PredictRequest(Struct, kw_only=True):
     signature_name: str | UnsetType = UNSET
 
 
-class PredictResponse(Struct):
+class PredictResponse(_Body):
     """Rows in, rows out."""
 
     predictions: Any
@@ -225,7 +230,7 @@ class PredictResponse(Struct):
     model_version: str
 
 
-class PredictColumnsResponse(Struct):
+class PredictColumnsResponse(_Body):
     """Columns in, columns out: a tensor (one output) or an object of tensors."""
 
     outputs: Any
@@ -243,14 +248,14 @@ OneRow = Annotated[
 TfState = Literal["AVAILABLE", "LOADING", "UNAVAILABLE"]
 
 
-class VersionStatus(Struct):
+class VersionStatus(_Body):
     """TensorFlow Serving's status of one version."""
 
     error_code: str = "OK"
     error_message: str = ""
 
 
-class ModelVersionStatus(Struct):
+class ModelVersionStatus(_Body):
     """One version in ``GET /v1/models/{m}``."""
 
     version: str
@@ -258,7 +263,7 @@ class ModelVersionStatus(Struct):
     status: VersionStatus
 
 
-class ModelStatus(Struct):
+class ModelStatus(_Body):
     """``GET /v1/models/{m}``: the model's versions and their states."""
 
     model_name: str
@@ -269,7 +274,7 @@ class ModelStatus(Struct):
 # -- Errors ----------------------------------------------------------------------------------
 
 
-class ErrorBody(Struct):
+class ErrorBody(_Body):
     """Every error: a message, a stable code and the request id."""
 
     error: str
