@@ -36,8 +36,13 @@ _PID = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 
+def current_pid() -> int:
+    """This process's pid, kept current across fork without a system call per use."""
+    return _PID[0]
+
+
 def _add_pid(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
-    # Which gunicorn worker wrote the line (kept current across fork, no syscall per line).
+    # Which gunicorn worker wrote the line.
     event["pid"] = _PID[0]
     return event
 
