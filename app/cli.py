@@ -278,9 +278,11 @@ def check(args: argparse.Namespace) -> int:
     except RepositoryError as exc:
         return _fail(str(exc))
     for model in repository.models():
-        routing = _routing(repository.entry(model.name), model.version)
-        print(f"{model.name} version {model.version}{routing}: ready")
-        for kind, specs in (("input", model.inputs), ("output", model.outputs)):
+        entry = repository.entry(model.name)
+        print(f"{model.name} version {model.version}{_routing(entry, model.version)}: ready")
+        # What clients see: a text model takes text, whatever its graph takes.
+        signature = entry.runners[model.version].signature
+        for kind, specs in (("input", signature.inputs), ("output", signature.outputs)):
             for spec in specs:
                 print(f"  {kind:6} {spec.name}: {spec.datatype} {list(spec.shape)}")
     print(f"ok: {len(repository.names)} model(s), {sum(1 for _ in repository.models())} version(s)")

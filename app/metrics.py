@@ -105,6 +105,19 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_tokens_histogram = Histogram(
+            f"{PREFIX}_batch_tokens",
+            "Padded tokens (rows x the longest) per session run of text models.",
+            ["model", "version"],
+            buckets=(16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
+            registry=r,
+        )
+        self.tokens_total = Counter(
+            f"{PREFIX}_tokens",
+            "Tokens of the texts text models were asked to process (after truncation).",
+            ["model", "version"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
             "Requests being handled right now.",
@@ -139,6 +152,14 @@ class Metrics:
         children[0].observe(rows)
         for wait in waits:
             children[1].observe(wait)
+
+    def batch_tokens(self, model: str, version: str, padded: int) -> None:
+        """Record one text model run's padded size."""
+        self.batch_tokens_histogram.labels(model, version).observe(padded)
+
+    def tokens(self, model: str, version: str, count: int) -> None:
+        """Count a request's tokens."""
+        self.tokens_total.labels(model, version).inc(count)
 
     def inference(self, model: str, version: str, seconds: float) -> None:
         """Record one session run (the serving layer's inference observer)."""

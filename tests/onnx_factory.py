@@ -178,12 +178,20 @@ class Recorder:
     def __init__(self) -> None:
         self.runs: list[tuple[str, str]] = []
         self.batches: list[tuple[str, int, int]] = []
+        self.padded: list[int] = []
+        self.tokens_seen: list[int] = []
 
     def inference(self, model: str, version: str, seconds: float) -> None:
         self.runs.append((model, version))
 
     def batch(self, model: str, version: str, rows: int, waits: list[float]) -> None:
         self.batches.append((model, rows, len(waits)))
+
+    def batch_tokens(self, model: str, version: str, padded: int) -> None:
+        self.padded.append(padded)
+
+    def tokens(self, model: str, version: str, count: int) -> None:
+        self.tokens_seen.append(count)
 
 
 def gather_table() -> onnx.ModelProto:

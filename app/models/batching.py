@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
 
 import numpy as np
 import structlog
@@ -31,6 +32,7 @@ import structlog
 from app.models.errors import InferenceFailed, InferenceTimeout, Overloaded, ServingError
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 #: Runs a (possibly merged) feed: (output names, inputs, deadline) -> outputs in order.
 RunFn = Callable[[list[str], Mapping[str, np.ndarray], float | None], list[np.ndarray]]
@@ -56,68 +58,67 @@ class BatchingOptions:
 
 
 @dataclass(slots=True, eq=False)  # identity: requests hold arrays, and queues compare
-class _Request:
-    inputs: Mapping[str, np.ndarray]
-    outputs: list[str]
+class Waiter(Generic[T]):
+    """One caller's place in a :class:`LeaderQueue`."""
+
     deadline: float | None
-    rows: int
-    key: tuple[object, ...]
     enqueued: float = field(default_factory=time.monotonic)
     #: Set when the request is answered, or when its thread is given the lead.
     wake: threading.Event = field(default_factory=threading.Event)
     answered: bool = False
     lead: bool = False
-    result: list[np.ndarray] | None = None
+    result: T | None = None
     error: ServingError | None = None
 
 
-class Batcher:
-    """Merges concurrent requests for one model version.
+@dataclass(slots=True, eq=False)
+class _Request(Waiter[list[np.ndarray]]):
+    inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+    rows: int = 0
+    key: tuple[object, ...] = ()
+
+
+W = TypeVar("W", bound=Waiter[Any])
+
+
+class LeaderQueue(Generic[W, T]):
+    """Requests wait in a queue; whoever finds nobody leading runs batches for everyone.
+
+    Subclasses say how a batch is collected (:meth:`_collect`) and run
+    (:meth:`_execute_batch`); this class hands the lead on and lets waiters leave at their
+    deadlines.
 
     Args:
         label: ``name/version`` for messages.
-        options: Batching limits.
-        run: Runs a feed on the session.
-        report: Receives batch sizes and queue times (metrics).
+        max_queue: Requests that may wait; beyond that callers get Overloaded.
     """
 
-    def __init__(
-        self, label: str, options: BatchingOptions, run: RunFn, report: BatchReport | None = None
-    ) -> None:
+    def __init__(self, label: str, max_queue: int) -> None:
         self.label = label
-        self.options = options
-        self._run = run
-        self._report = report
-        self._queue: collections.deque[_Request] = collections.deque()
+        self._max_queue = max_queue
+        self._queue: collections.deque[W] = collections.deque()
         # An RLock knows its owner: with a plain Lock, notify() probes ownership with a
         # failed acquire, and gevent's Lock yields to other greenlets on that.
         self._cond = threading.Condition(threading.RLock())
         self._leading = False  # a thread is collecting or running a batch
-        self._preferred = frozenset(options.preferred_batch_sizes)
 
     @property
     def state(self) -> tuple[bool, int]:
         """(a batch is being collected or run, requests waiting) right now."""
         return self._leading, len(self._queue)
 
-    def submit(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], deadline: float | None
-    ) -> list[np.ndarray]:
-        """Queue validated inputs and wait for this request's rows of the outputs.
+    def _wait_for(self, request: W) -> T:
+        """Queue ``request`` and return its result once a leader (maybe this thread) ran it.
 
         Raises:
             Overloaded: the queue is full.
             InferenceTimeout: the deadline passed first.
             ServingError: the run failed for this request.
         """
-        first = next(iter(inputs.values()))
-        key = (
-            tuple(outputs),
-            tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items())),
-        )
-        request = _Request(inputs, list(outputs), deadline, int(first.shape[0]), key)
+        deadline = request.deadline
         with self._cond:
-            if len(self._queue) >= self.options.max_queue:
+            if len(self._queue) >= self._max_queue:
                 raise Overloaded(
                     f"model {self.label} has {len(self._queue)} requests queued; retry later"
                 )
@@ -157,11 +158,9 @@ class Batcher:
             raise request.error
         if request.result is None:  # answered without a result: only if the run was lost
             raise InferenceTimeout(f"model {self.label}: the batch produced no answer")
-        return request.result
+        return cast(T, request.result)
 
-    # -- the leader ------------------------------------------------------------------------
-
-    def _lead(self, own: _Request) -> None:
+    def _lead(self, own: W) -> None:
         """Run batches until ``own`` is answered, then pass the lead on (or give it up)."""
         try:
             while not own.answered:
@@ -178,6 +177,82 @@ class Batcher:
                     successor.wake.set()
                 else:
                     self._leading = False
+
+    def _collect(self) -> list[W]:
+        """Take the next batch off the queue (waiting for company if it is worth it)."""
+        raise NotImplementedError
+
+    def _execute_batch(self, batch: list[W]) -> None:
+        """Run ``batch`` and answer every request in it."""
+        raise NotImplementedError
+
+    def _answer(self, request: W) -> None:
+        request.answered = True
+        request.wake.set()
+
+    def _expire(self, batch: list[W]) -> list[W]:
+        """Answer the requests whose deadline passed in the queue; the others are live."""
+        now = time.monotonic()
+        live = []
+        for request in batch:
+            if request.deadline is not None and request.deadline <= now:
+                request.error = InferenceTimeout(
+                    f"model {self.label} could not start before the request's deadline"
+                )
+                self._answer(request)
+            else:
+                live.append(request)
+        return live
+
+    def _execute(self, batch: list[W]) -> None:
+        try:
+            self._execute_batch(batch)
+        except Exception as exc:  # a bug must fail these requests, not hang them
+            log.error("batch_failed", model=self.label, error=repr(exc))
+            for request in batch:
+                if not request.answered:
+                    request.error = InferenceFailed(f"model {self.label}: the batch failed")
+                    self._answer(request)
+
+
+class Batcher(LeaderQueue[_Request, list[np.ndarray]]):
+    """Merges concurrent requests for one model version.
+
+    Args:
+        label: ``name/version`` for messages.
+        options: Batching limits.
+        run: Runs a feed on the session.
+        report: Receives batch sizes and queue times (metrics).
+    """
+
+    def __init__(
+        self, label: str, options: BatchingOptions, run: RunFn, report: BatchReport | None = None
+    ) -> None:
+        super().__init__(label, options.max_queue)
+        self.options = options
+        self._run = run
+        self._report = report
+        self._preferred = frozenset(options.preferred_batch_sizes)
+
+    def submit(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], deadline: float | None
+    ) -> list[np.ndarray]:
+        """Queue validated inputs and wait for this request's rows of the outputs.
+
+        Raises:
+            Overloaded: the queue is full.
+            InferenceTimeout: the deadline passed first.
+            ServingError: the run failed for this request.
+        """
+        first = next(iter(inputs.values()))
+        key = (
+            tuple(outputs),
+            tuple((n, a.dtype.str, a.shape[1:]) for n, a in sorted(inputs.items())),
+        )
+        rows = int(first.shape[0])
+        return self._wait_for(
+            _Request(deadline, inputs=inputs, outputs=list(outputs), rows=rows, key=key)
+        )
 
     def _collect(self) -> list[_Request]:
         opts = self.options
@@ -208,34 +283,12 @@ class Batcher:
                 return request
         return None
 
-    def _answer(self, request: _Request) -> None:
-        request.answered = True
-        request.wake.set()
-
-    def _execute(self, batch: list[_Request]) -> None:
-        try:
-            self._execute_batch(batch)
-        except Exception as exc:  # a bug must fail these requests, not hang them
-            log.error("batch_failed", model=self.label, error=repr(exc))
-            for request in batch:
-                if not request.answered:
-                    request.error = InferenceFailed(f"model {self.label}: the batch failed")
-                    self._answer(request)
-
     def _execute_batch(self, batch: list[_Request]) -> None:
-        now = time.monotonic()
-        live = []
-        for request in batch:
-            if request.deadline is not None and request.deadline <= now:
-                request.error = InferenceTimeout(
-                    f"model {self.label} could not start before the request's deadline"
-                )
-                self._answer(request)
-            else:
-                live.append(request)
+        live = self._expire(batch)
         if not live:
             return
         if self._report is not None:
+            now = time.monotonic()
             self._report(sum(r.rows for r in live), [now - r.enqueued for r in live])
         if len(live) == 1:
             self._run_alone(live[0])

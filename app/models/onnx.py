@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -26,6 +26,12 @@ class InferenceObserver(Protocol):
     def batch(self, model: str, version: str, rows: int, waits: list[float]) -> None:
         """A (micro-)batch of ``rows`` ran; each request in it had waited ``waits`` seconds."""
 
+    def batch_tokens(self, model: str, version: str, padded: int) -> None:
+        """A text model's run held ``padded`` tokens (rows x the longest)."""
+
+    def tokens(self, model: str, version: str, count: int) -> None:
+        """A request's texts came to ``count`` tokens."""
+
 
 class ModelState(enum.StrEnum):
     """Life cycle of a model version inside one worker."""
@@ -33,6 +39,35 @@ class ModelState(enum.StrEnum):
     UNAVAILABLE = "UNAVAILABLE"
     LOADING = "LOADING"
     READY = "READY"
+
+
+@dataclass(frozen=True, slots=True)
+class TextOptions:
+    """``[text]`` in ``model.toml``.
+
+    Attributes:
+        task: What the model does with text (``embedding``: one vector per text).
+        max_tokens: Longest token sequence (special tokens included) the model takes; longer
+            texts are truncated to it, or refused where the caller asks for no truncation.
+        pooling: ``graph`` (the output is one vector per text), ``mean`` (average the
+            output over the real tokens) or ``cls`` (the first token's vector).
+        normalize: Scale pooled vectors to unit length (for ``mean`` and ``cls``).
+        output: The graph output to read; "" for the only one.
+        max_inputs: Most texts in one request.
+        max_batch_tokens: Most padded tokens (rows x longest) in one session run.
+        max_queue_delay: Seconds the oldest request may wait for others to batch with.
+        max_queue: Requests that may wait per worker; more get 503.
+    """
+
+    task: Literal["embedding"] = "embedding"
+    max_tokens: int = 512
+    pooling: Literal["graph", "mean", "cls"] = "graph"
+    normalize: bool = True
+    output: str = ""
+    max_inputs: int = 2048
+    max_batch_tokens: int = 16384
+    max_queue_delay: float = 0.0005
+    max_queue: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +83,7 @@ class RuntimeOptions:
         max_concurrency: Session runs of this model at once, per worker.
         max_queue: Requests that may wait for a run slot, per worker; more are shed.
         batching: Dynamic batching limits, or None to run each request on its own.
+        text: How a text model tokenizes and pools, or None for a tensor model.
         inline_run_us: In a gevent worker, a model whose warm-up (the fastest run at each
             warm-up batch size) took at most this long runs on the worker's own thread; a
             slower one, one never warmed up, and one whose runs exceed it in CPU time
@@ -63,6 +99,7 @@ class RuntimeOptions:
     max_queue: int = 64
     batching: BatchingOptions | None = None
     inline_run_us: int = 1000
+    text: TextOptions | None = None
 
 
 class OnnxModel:

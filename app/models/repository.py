@@ -13,20 +13,29 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import structlog
 
 from app.models.batching import BatchingOptions
 from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
-from app.models.onnx import InferenceObserver, ModelState, OnnxModel, RuntimeOptions
+from app.models.onnx import (
+    InferenceObserver,
+    ModelState,
+    OnnxModel,
+    RuntimeOptions,
+    TextOptions,
+)
 from app.models.onnx_proto import ProtoError, external_data_locations, looks_like_model
-from app.models.runner import Runner
+from app.models.runner import Predictor, Runner
+from app.models.text import TOKENIZER_FILE, TextRunner
 from app.settings import (
     MAX_BATCH_ROWS,
     MAX_INLINE_RUN_US,
     MAX_QUEUE,
+    MAX_TENSOR_ELEMENTS,
+    MAX_TEXT_TOKENS,
     MAX_TIMEOUT_MS,
     MAX_WARMUP_RUNS,
     out_of_range,
@@ -85,6 +94,62 @@ class BatchingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         )
 
 
+class TextConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[text]`` in ``model.toml``: the model takes text, tokenized with the
+    ``tokenizer.json`` beside each ``model.onnx`` (see :mod:`app.models.text`).
+
+    Attributes:
+        task: ``embedding``: one vector per text.
+        max_tokens: Longest token sequence the model takes (special tokens included).
+        pooling: ``graph`` (the output is already one vector per text), ``mean`` or ``cls``.
+        normalize: Scale pooled vectors to unit length (``mean`` and ``cls``).
+        output: Graph output to read ("" for the only one).
+        max_inputs: Most texts per request.
+        max_batch_tokens: Most padded tokens (rows x longest) in one session run.
+        max_queue_delay_us: Microseconds the oldest request may wait for batch-mates.
+        max_queue: Requests that may wait per worker; more get 503.
+    """
+
+    task: Literal["embedding"]
+    max_tokens: int = 512
+    pooling: Literal["graph", "mean", "cls"] = "graph"
+    normalize: bool = True
+    output: str = ""
+    max_inputs: int = 2048
+    max_batch_tokens: int = 16384
+    max_queue_delay_us: int = 500
+    max_queue: int = 1024
+
+    def options(self, model: str) -> TextOptions:
+        """Validated options.
+
+        Raises:
+            RepositoryError: a value out of range.
+        """
+        where = f"model {model!r}: {MODEL_CONFIG}: text"
+        for key, value, low, high in (
+            ("max_tokens", self.max_tokens, 1, MAX_TEXT_TOKENS),
+            ("max_inputs", self.max_inputs, 1, MAX_BATCH_ROWS),
+            ("max_batch_tokens", self.max_batch_tokens, self.max_tokens, MAX_TENSOR_ELEMENTS),
+            ("max_queue_delay_us", self.max_queue_delay_us, 0, 1_000_000),
+            ("max_queue", self.max_queue, 1, MAX_QUEUE),
+        ):
+            problem = out_of_range(key, value, low, high)
+            if problem:
+                raise RepositoryError(f"{where}: {problem}")
+        return TextOptions(
+            task=self.task,
+            max_tokens=self.max_tokens,
+            pooling=self.pooling,
+            normalize=self.normalize,
+            output=self.output,
+            max_inputs=self.max_inputs,
+            max_batch_tokens=self.max_batch_tokens,
+            max_queue_delay=self.max_queue_delay_us / 1_000_000,
+            max_queue=self.max_queue,
+        )
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Contents of ``<name>/model.toml``; every key is optional.
 
@@ -100,6 +165,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         inline_run_us: Overrides the server-wide ``inline_run_us`` for this model (0: always
             run in a helper thread in gevent workers).
         batching: Dynamic batching (``[batching]`` table); off when absent.
+        text: The model takes text (``[text]`` table); a tensor model when absent.
         traffic: Weights by version for requests that name no version, e.g.
             ``{"1" = 90, "2" = 10}``; routing is sticky per request id.
         labels: Class names, shown in metadata for clients.
@@ -117,6 +183,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     inline_run_us: int | None = None
     traffic: dict[str, int] = msgspec.field(default_factory=dict)
     batching: BatchingConfig | None = None
+    text: TextConfig | None = None
     labels: list[str] = msgspec.field(default_factory=list)
     description: str = ""
 
@@ -128,7 +195,7 @@ class ModelEntry:
     name: str
     config: ModelConfig
     versions: dict[int, OnnxModel] = field(default_factory=dict)
-    runners: dict[int, Runner] = field(default_factory=dict)
+    runners: dict[int, Predictor] = field(default_factory=dict)
 
     @property
     def default_version(self) -> int:
@@ -253,7 +320,11 @@ class Repository:
         for entry in self._entries.values():
             for version, model in sorted(entry.versions.items()):
                 model.load()
-                entry.runners[version] = runner(model)
+                served: Predictor = runner(model)
+                if model.options.text is not None:
+                    tokenizer = str(model.path.parent / TOKENIZER_FILE)
+                    served = TextRunner(runner(model), model.options.text, tokenizer)
+                entry.runners[version] = served
                 log.info("model_ready", model=model.name, version=model.version_str)
 
     # -- queries -----------------------------------------------------------------------------
@@ -287,7 +358,32 @@ class Repository:
             )
         return entry
 
-    def get(self, name: str, version: str | None = None, routing_key: str | None = None) -> Runner:
+    @property
+    def text_names(self) -> list[str]:
+        """Names of the text models, in order."""
+        return [name for name, entry in self._entries.items() if entry.config.text is not None]
+
+    def text(
+        self, name: str | None = None, version: str | None = None, routing_key: str | None = None
+    ) -> TextRunner:
+        """A text model's runner: the one named, or the first text model.
+
+        Raises:
+            ModelNotFound: no such model, or it is not a text model (or none is served).
+            ModelNotReady: it is still loading.
+        """
+        if name is None:
+            if not self.text_names:
+                raise ModelNotFound("no text model is served here")
+            name = self.text_names[0]
+        runner = self.get(name, version, routing_key)
+        if not isinstance(runner, TextRunner):
+            raise ModelNotFound(f"model {name!r} is not a text model")
+        return runner
+
+    def get(
+        self, name: str, version: str | None = None, routing_key: str | None = None
+    ) -> Predictor:
         """The version to serve: the one asked for, else by traffic split, else the default.
 
         Args:
@@ -339,6 +435,7 @@ def _scan_model(
         max_concurrency=config.max_concurrency or options.max_concurrency,
         max_queue=options.max_queue if config.max_queue is None else config.max_queue,
         batching=config.batching.options(name) if config.batching else None,
+        text=config.text.options(name) if config.text else None,
         inline_run_us=(
             options.inline_run_us if config.inline_run_us is None else config.inline_run_us
         ),
@@ -361,6 +458,18 @@ def _scan_model(
         if not model_file.is_file():
             raise RepositoryError(f"model {name!r} version {version_dir.name} has no {MODEL_FILE}")
         check_model_file(model_file, version_dir)
+        if config.text is not None:
+            tokenizer = version_dir / TOKENIZER_FILE
+            if not tokenizer.is_file() or not _inside(tokenizer, version_dir):
+                raise RepositoryError(
+                    f"model {name!r} version {version_dir.name}: a text model needs its "
+                    f"{TOKENIZER_FILE} beside {MODEL_FILE}"
+                )
+            if config.batching is not None:
+                raise RepositoryError(
+                    f"model {name!r}: {MODEL_CONFIG}: a text model batches by tokens "
+                    "([text] max_batch_tokens), not with [batching]"
+                )
         version = int(version_dir.name)
         entry.versions[version] = OnnxModel(
             name,

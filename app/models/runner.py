@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
@@ -24,12 +24,33 @@ from app.models.batching import Batcher
 from app.models.errors import InferenceFailed, InferenceTimeout
 from app.models.onnx import OnnxModel
 from app.models.scheduling import WATCHDOG, Gate, run_in_thread
+from app.models.signature import Signature
 
 log = structlog.get_logger(__name__)
 
 #: Inline runs in a row over ``inline_run_us`` (CPU time) that move a model to a helper thread.
 SLOW_STREAK = 3
 _NODE_RE = re.compile(r"while running (\w+) node")
+
+
+class Predictor(Protocol):
+    """What the fronts need of a served model version (a :class:`Runner`, or a text model's
+    runner that tokenizes first)."""
+
+    model: OnnxModel
+    signature: Signature
+
+    @property
+    def timeout(self) -> float:
+        """Default deadline of a request, in seconds from its arrival."""
+
+    def predict(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Arrays in, arrays out."""
 
 
 class Runner:
@@ -46,7 +67,7 @@ class Runner:
         options = model.options
         self.gate = Gate(options.max_concurrency, options.max_queue)
         self.batcher = (
-            Batcher(model.label, options.batching, self._run, self._report_batch)
+            Batcher(model.label, options.batching, self.run, self._report_batch)
             if options.batching is not None
             else None
         )
@@ -89,13 +110,20 @@ class Runner:
             return dict(zip(names, self.batcher.submit(inputs, names, deadline), strict=True))
         self.gate.acquire(deadline, repr(self.model.name))
         try:
-            return dict(zip(names, self._run(names, inputs, deadline), strict=True))
+            return dict(zip(names, self.run(names, inputs, deadline), strict=True))
         finally:
             self.gate.release()
 
-    def _run(
+    def run(
         self, names: list[str], inputs: Mapping[str, np.ndarray], deadline: float | None
     ) -> list[np.ndarray]:
+        """One session run under the deadline, inline or elsewhere as this runner does it,
+        without admission (batchers call this once they have the slot).
+
+        Raises:
+            InferenceTimeout: the deadline passed before or during the run.
+            InferenceFailed: onnxruntime rejected the values.
+        """
         model = self.model
         options, token = None, 0
         if deadline is not None:

@@ -13,7 +13,7 @@ import falcon
 
 from app.errors import ErrorCode
 from app.models.repository import Repository
-from app.models.runner import Runner
+from app.models.runner import Predictor
 from app.models.scheduling import WATCHDOG
 from app.protocols import schema
 from app.resources.errors import ApiError
@@ -174,7 +174,7 @@ def close_connection(req: falcon.Request) -> None:
 
 def resolve(
     req: falcon.Request, repository: Repository, name: str, version: str | None = None
-) -> Runner:
+) -> Predictor:
     """Find the serving model version and label the request with it.
 
     Requests that name no version follow the model's traffic split, sticky per request id.
@@ -191,7 +191,7 @@ def send(resp: falcon.Response, doc: Any) -> None:
     resp.data = schema.encode(doc)
 
 
-def deadline(req: falcon.Request, runner: Runner, client_timeout: float | None = None) -> float:
+def deadline(req: falcon.Request, runner: Predictor, client_timeout: float | None = None) -> float:
     """When the answer is due, on the monotonic clock.
 
     The model's timeout counts from the request's arrival: at NGINX when it sends

@@ -82,7 +82,7 @@ def test_concurrent_requests_merge_and_each_gets_its_own_rows() -> None:
 def test_different_outputs_are_never_merged() -> None:
     recorder = onnx_factory.Recorder()
     model = batching_model(TABULAR, recorder)
-    real_run = model._run
+    real_run = model.run
     seen: list[tuple[tuple[str, ...], int]] = []
 
     def spy(names: list[str], inputs: Any, deadline: Any) -> Any:

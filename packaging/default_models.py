@@ -1,0 +1,52 @@
+"""The model repository ``make run`` serves: the bundled demo models plus the text models,
+built from their packages' weights into a cache.
+
+    .venv/bin/python packaging/default_models.py build/models
+
+Copies ``app/demo_models`` and builds ``minilm`` (packaging/text/build_minilm.py) when the
+folder lacks it or its builder changed since; a second run with nothing changed does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE / "text"))
+
+import build_minilm  # noqa: E402 (found through the path above)
+
+STAMP = ".built-by"
+
+
+def _fingerprint() -> str:
+    return hashlib.sha256((HERE / "text" / "build_minilm.py").read_bytes()).hexdigest()
+
+
+def build(out: Path) -> None:
+    """Make ``out`` the default repository (demo models and text models)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for model in sorted((ROOT / "app" / "demo_models").iterdir()):
+        if model.is_dir():
+            shutil.copytree(model, out / model.name, dirs_exist_ok=True)
+    stamp = out / build_minilm.NAME / STAMP
+    if not stamp.is_file() or stamp.read_text() != _fingerprint():
+        target = build_minilm.build(out)
+        stamp.write_text(_fingerprint())
+        print(f"built {target} ({target.stat().st_size / 1e6:.1f} MB)")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: default_models.py OUT", file=sys.stderr)
+        return 2
+    build(Path(argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
