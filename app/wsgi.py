@@ -22,6 +22,14 @@ from app.resources.health import (
 )
 from app.resources.metrics import MetricsResource
 from app.resources.openapi import OpenApiResource
+from app.resources.text import (
+    DetokenizeResource,
+    EmbedResource,
+    ModelListResource,
+    OpenAIEmbeddingsResource,
+    TextsEmbeddingResource,
+    TokenizeResource,
+)
 from app.resources.v1 import ModelStatusResource, PredictResource
 from app.resources.v2 import ModelsResource, RepositoryIndexResource
 from app.settings import Settings
@@ -91,6 +99,16 @@ def create_app(
     app.add_route("/v1/models/{model}:predict", predict)
     app.add_route("/v1/models/{model}/versions/{version}:predict", predict, suffix="versioned")
     app.add_route("/predict", predict)
+    app.add_route("/v1/models", ModelListResource(repository))
+    app.add_route("/v1/embeddings", OpenAIEmbeddingsResource(repository, limits))
+    app.add_route("/embed", EmbedResource(repository, limits))
+    texts = TextsEmbeddingResource(repository, limits)
+    app.add_route("/embeddings", texts)
+    app.add_route("/batch_embed", texts, suffix="batch")
+    app.add_route("/tokenize", TokenizeResource(repository, limits))
+    detokenize = DetokenizeResource(repository, limits)
+    app.add_route("/detokenize", detokenize)
+    app.add_route("/decode", detokenize)
     if settings.metrics.enabled:
         app.add_route("/metrics", MetricsResource(metrics))
     openapi = OpenApiResource()

@@ -120,3 +120,27 @@ def extra_client(
     extra_settings: Settings, extra_repository: Repository
 ) -> Iterator[falcon.testing.TestClient]:
     yield falcon.testing.TestClient(create_app(extra_settings, extra_repository))
+
+
+@pytest.fixture(scope="session")
+def text_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with the real MiniLM text model (built from its package's weights)."""
+    sys.path.insert(0, str(ROOT / "packaging" / "text"))
+    import build_minilm
+
+    root = tmp_path_factory.mktemp("text-repo")
+    build_minilm.build(root)
+    shutil.copytree(DEMO_MODELS / "tabular", root / "tabular")
+    return root
+
+
+@pytest.fixture(scope="session")
+def text_repository(text_models_dir: Path) -> Repository:
+    repository = build_repository(make_settings(text_models_dir))
+    repository.load()
+    return repository
+
+
+@pytest.fixture
+def text_client(text_models_dir: Path, text_repository: Repository) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(create_app(make_settings(text_models_dir), text_repository))

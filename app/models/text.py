@@ -195,6 +195,10 @@ class TextRunner:
         self.options = options
         self._exact, self._truncating = load_tokenizers(tokenizer_path, options.max_tokens)
         self.vocab_size = self._exact.get_vocab_size(with_added_tokens=True)
+        #: Ids of the special tokens ([CLS], [SEP], [PAD]...).
+        self.special_ids = {
+            i for i, token in self._exact.get_added_tokens_decoder().items() if token.special
+        }
         graph = self.model.signature
         names = {s.name for s in graph.inputs}
         if not {"input_ids", "attention_mask"} <= names:

@@ -271,6 +271,174 @@ class ModelStatus(_Body):
     model_version_status: list[ModelVersionStatus]
 
 
+# -- Text: OpenAI-compatible ---------------------------------------------------------------
+
+#: Vectors as JSON arrays (encoded natively from numpy).
+EncodedVectors = Annotated[
+    Raw,
+    Meta(
+        extra_json_schema={
+            "type": "array",
+            "items": {"type": "array", "items": {"type": "number"}},
+            "description": "One vector per input, in input order.",
+        }
+    ),
+]
+
+
+class EmbeddingsRequest(_Body, kw_only=True):
+    """``POST /v1/embeddings``, as OpenAI's API takes it."""
+
+    input: Annotated[
+        str | list[Any],
+        Meta(description="A text, a list of texts, a list of token ids, or a list of such lists."),
+    ]
+    model: str
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Meta(ge=1)] | UnsetType = UNSET
+    user: str | UnsetType = UNSET
+
+
+class Embedding(_Body, kw_only=True):
+    """One vector: numbers, or base64 of little-endian float32."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Annotated[
+        Any,
+        Meta(
+            extra_json_schema={
+                "anyOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string"}]
+            }
+        ),
+    ]
+
+
+class Usage(_Body):
+    """Tokens a request used."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(_Body, kw_only=True):
+    """The vectors of ``POST /v1/embeddings``."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(_Body, kw_only=True):
+    """One model in ``GET /v1/models``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "onnx-appliance"
+
+
+class ModelList(_Body, kw_only=True):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class OpenAIError(_Body, kw_only=True):
+    """OpenAI's error object."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(_Body):
+    """Errors on the OpenAI-compatible routes: OpenAI's shape, plus the usual code and id."""
+
+    error: OpenAIError
+    error_code: ErrorCode
+    request_id: str
+
+
+# -- Text: text-embeddings-inference and LLM serving layers ------------------------------
+
+
+class EmbedRequest(_Body, kw_only=True):
+    """``POST /embed``, as text-embeddings-inference takes it."""
+
+    inputs: str | list[str]
+    normalize: bool = True
+    truncate: bool = False
+    truncation_direction: Literal["Right", "right"] = "Right"
+    model: str | UnsetType = UNSET
+
+
+class TextsEmbeddingRequest(_Body, kw_only=True):
+    """``POST /embeddings`` (``input``) and ``POST /batch_embed`` (``texts``)."""
+
+    input: str | list[str] | UnsetType = UNSET
+    texts: list[str] | UnsetType = UNSET
+    truncate: bool = True
+    model: str | UnsetType = UNSET
+
+
+class TextsEmbeddingResponse(_Body, kw_only=True):
+    """The vectors of ``POST /embeddings`` and ``POST /batch_embed``."""
+
+    embeddings: EncodedVectors
+    model: str
+    dimensions: int
+    count: int
+    token_count: int
+
+
+class TokenizeRequest(_Body, kw_only=True):
+    """``POST /tokenize``: ``text`` (LLM serving layers) or ``inputs`` (TEI)."""
+
+    text: str | UnsetType = UNSET
+    inputs: str | list[str] | UnsetType = UNSET
+    add_special_tokens: bool | UnsetType = UNSET
+    add_bos: bool | UnsetType = UNSET
+    model: str | UnsetType = UNSET
+
+
+class TokenizeResponse(_Body):
+    """Token ids of a ``text``."""
+
+    tokens: list[int]
+    token_count: int
+    text_length: int
+
+
+class Token(_Body, kw_only=True):
+    """One token of an ``inputs`` text (TEI): its id, text and character span."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+class DetokenizeRequest(_Body, kw_only=True):
+    """``POST /detokenize`` and ``/decode``: ``tokens`` (one list) or ``ids`` (TEI: one list
+    or a list of lists)."""
+
+    tokens: list[int] | UnsetType = UNSET
+    ids: list[Any] | UnsetType = UNSET
+    skip_special_tokens: bool = True
+    model: str | UnsetType = UNSET
+
+
+class DetokenizeResponse(_Body):
+    """The text of ``tokens``."""
+
+    text: str
+
+
 # -- Errors ----------------------------------------------------------------------------------
 
 
@@ -303,6 +471,8 @@ def decode(body: bytes | memoryview, kind: type[T]) -> T:
         raise InvalidInput(f"invalid request body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidInput("request body is not valid UTF-8") from None
 
 
 def encode(doc: Any) -> bytes:
@@ -327,6 +497,18 @@ BODIES: tuple[Any, ...] = (
     OneRow,
     ModelStatus,
     ErrorBody,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    ModelList,
+    OpenAIErrorBody,
+    EmbedRequest,
+    TextsEmbeddingRequest,
+    TextsEmbeddingResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    list[list[Token]],
+    DetokenizeRequest,
+    DetokenizeResponse,
 )
 
 

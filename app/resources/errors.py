@@ -22,6 +22,18 @@ log = structlog.get_logger(__name__)
 
 #: Seconds a client should wait before retrying a 503.
 RETRY_AFTER_SECONDS = "1"
+#: Routes whose errors take OpenAI's shape (``{"error": {"message", "type", ...}}``), which
+#: OpenAI's clients read; ``error_code`` and ``request_id`` are there too.
+OPENAI_PATHS = frozenset({"/v1/embeddings", "/v1/models"})
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 class ApiError(ApplianceError):
@@ -52,7 +64,14 @@ def render_error(
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     request_id = getattr(req.context, "request_id", "")
-    resp.data = schema.encode(ErrorBody(message, code, request_id))
+    if req.path in OPENAI_PATHS:
+        kind = _OPENAI_TYPES.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
+        error = schema.OpenAIError(message=message, type=kind, code=code.lower())
+        resp.data = schema.encode(schema.OpenAIErrorBody(error, code, request_id))
+    else:
+        resp.data = schema.encode(ErrorBody(message, code, request_id))
     if status == 503 and not (headers and "Retry-After" in headers):
         resp.set_header("Retry-After", RETRY_AFTER_SECONDS)
     for name, value in (headers or {}).items():

@@ -26,6 +26,7 @@ from app.protocols import schema
         (b'{"inputs": [{"name": "x", "shape": [1], "datatype": "FP32"}], "id": 5}',
          "Expected `str | null`, got `int` - at `$.id`"),
         (b'{"inputs": [', "not valid JSON"),
+        (b'{"id": "\xff\xfe", "inputs": []}', "not valid UTF-8"),
         (b"[]", "Expected `object`, got `array`"),
     ],
 )  # fmt: skip

@@ -1,0 +1,185 @@
+"""Text routes: OpenAI's ``/v1/embeddings`` and ``/v1/models``, text-embeddings-inference's
+``/embed``, LLM serving layers' ``/embeddings`` and ``/batch_embed``, and ``/tokenize``,
+``/detokenize`` (``/decode``).
+
+Thin fronts: each parses its body with :mod:`app.protocols.text`, asks the repository for the
+text model (named, or the first one) and calls its :class:`~app.models.text.TextRunner`.
+"""
+
+from __future__ import annotations
+
+import falcon
+import numpy as np
+
+from app.errors import ErrorCode
+from app.models.errors import InvalidInput
+from app.models.repository import Repository
+from app.models.text import Embedded, TextRunner
+from app.protocols import schema
+from app.protocols import text as protocol
+from app.resources.common import JSON_TYPES, deadline, read_body, require_media_type, send
+from app.resources.openapi import INFERENCE_ERRORS, documented
+from app.settings import LimitsSettings
+
+_E = ErrorCode
+_TEXT_ERRORS = (*INFERENCE_ERRORS, _E.PAYLOAD_TOO_LARGE)
+
+
+class _TextResource:
+    """What every text route does first: read the body, find the model, embed."""
+
+    def __init__(self, repository: Repository, limits: LimitsSettings) -> None:
+        self._repository = repository
+        self._limits = limits
+
+    def _body(self, req: falcon.Request) -> bytes:
+        require_media_type(req, JSON_TYPES)
+        return read_body(req, self._limits)
+
+    def _runner(self, req: falcon.Request, name: str | None) -> TextRunner:
+        runner = self._repository.text(name, routing_key=req.context.request_id)
+        req.context.model = runner.signature.name
+        req.context.version = runner.signature.version
+        return runner
+
+    def _embed(
+        self, req: falcon.Request, runner: TextRunner, call: protocol.TextRequest
+    ) -> Embedded:
+        if call.dimensions is not None and call.dimensions != runner.dimensions:
+            raise InvalidInput(
+                f"model {runner.signature.name!r} makes {runner.dimensions}-dimensional "
+                f"vectors; 'dimensions' asked for {call.dimensions}"
+            )
+        sequences = (
+            runner.check_sequences(call.sequences)
+            if call.sequences is not None
+            else runner.sequences(call.texts or [], truncate=call.truncate)
+        )
+        return runner.embed(sequences, deadline(req, runner))
+
+
+class OpenAIEmbeddingsResource(_TextResource):
+    """``POST /v1/embeddings``: OpenAI's embeddings API."""
+
+    @documented(
+        "Embeddings, OpenAI-compatible",
+        response=schema.EmbeddingsResponse,
+        request=schema.EmbeddingsRequest,
+        errors=_TEXT_ERRORS,
+        deadline=True,
+    )
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Embed texts or token ids with the model named in the body."""
+        call = protocol.parse_openai_embeddings(self._body(req))
+        runner = self._runner(req, call.model)
+        embedded = self._embed(req, runner, call)
+        send(
+            resp,
+            protocol.encode_openai_embeddings(
+                runner.signature.name, embedded.vectors, embedded.tokens, call.base64
+            ),
+        )
+
+
+class ModelListResource:
+    """``GET /v1/models``: every served model, in OpenAI's format."""
+
+    def __init__(self, repository: Repository) -> None:
+        self._repository = repository
+
+    @documented("Served models, OpenAI-compatible", response=schema.ModelList)
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """List the models."""
+        send(resp, protocol.model_list(self._repository.names))
+
+
+class EmbedResource(_TextResource):
+    """``POST /embed``: text-embeddings-inference's embeddings route."""
+
+    @documented(
+        "Embeddings, text-embeddings-inference style: a list of vectors",
+        response=list[list[float]],
+        request=schema.EmbedRequest,
+        errors=_TEXT_ERRORS,
+        deadline=True,
+    )
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Embed texts with the default (or named) text model."""
+        call, normalize = protocol.parse_tei_embed(self._body(req))
+        embedded = self._embed(req, self._runner(req, call.model), call)
+        vectors = embedded.vectors
+        if normalize:
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = bytes(protocol.vectors_json(vectors))
+
+
+class TextsEmbeddingResource(_TextResource):
+    """``POST /embeddings`` (texts in ``input``) and ``POST /batch_embed`` (in ``texts``)."""
+
+    def _answer(self, req: falcon.Request, resp: falcon.Response, field: str) -> None:
+        call = protocol.parse_texts(self._body(req), field)
+        runner = self._runner(req, call.model)
+        embedded = self._embed(req, runner, call)
+        send(
+            resp,
+            protocol.encode_texts_embedding(
+                runner.signature.name, embedded.vectors, embedded.tokens
+            ),
+        )
+
+    @documented(
+        "Embeddings of a text or texts ('input'), LLM serving layer style",
+        response=schema.TextsEmbeddingResponse,
+        request=schema.TextsEmbeddingRequest,
+        errors=_TEXT_ERRORS,
+        deadline=True,
+    )
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Embed ``input``."""
+        self._answer(req, resp, "input")
+
+    @documented(
+        "Embeddings of a list of texts ('texts'); an empty list is refused",
+        response=schema.TextsEmbeddingResponse,
+        request=schema.TextsEmbeddingRequest,
+        errors=_TEXT_ERRORS,
+        deadline=True,
+    )
+    def on_post_batch(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Embed ``texts``."""
+        self._answer(req, resp, "texts")
+
+
+class TokenizeResource(_TextResource):
+    """``POST /tokenize``: token ids of a text (``text``), or TEI's tokens (``inputs``)."""
+
+    @documented(
+        "Tokenize: {text} gives ids and counts; {inputs} gives tokens with their spans (TEI)",
+        response=schema.TokenizeResponse | list[list[schema.Token]],
+        request=schema.TokenizeRequest,
+        errors=(_E.MODEL_NOT_FOUND, _E.MODEL_NOT_READY),
+    )
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Tokenize with the default (or named) text model's tokenizer."""
+        call = protocol.parse_tokenize(self._body(req))
+        runner = self._runner(req, call.model)
+        encodings = runner.tokenize(call.texts, call.add_special_tokens)
+        send(resp, protocol.encode_tokenize(call, encodings, runner.special_ids))
+
+
+class DetokenizeResource(_TextResource):
+    """``POST /detokenize`` and ``POST /decode``: the text of token ids."""
+
+    @documented(
+        "Detokenize: {tokens} gives {text}; {ids} gives the text, or texts (TEI)",
+        response=schema.DetokenizeResponse | str | list[str],
+        request=schema.DetokenizeRequest,
+        errors=(_E.MODEL_NOT_FOUND, _E.MODEL_NOT_READY),
+    )
+    def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
+        """Decode with the default (or named) text model's tokenizer."""
+        call = protocol.parse_detokenize(self._body(req))
+        runner = self._runner(req, call.model)
+        texts = [runner.decode(seq, call.skip_special_tokens) for seq in call.sequences]
+        send(resp, protocol.encode_detokenize(call, texts))
