@@ -65,7 +65,9 @@ def build(out: Path) -> Path:
             uv(),
             "export",
             "--frozen",
-            "--no-dev",
+            # The runtime alone: no dev tools, and not the packages make run builds text
+            # models from (the artifact serves the repository the models role deploys).
+            "--no-default-groups",
             "--no-emit-project",
             "--format",
             "requirements-txt",
