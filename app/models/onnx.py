@@ -65,7 +65,7 @@ class TextOptions:
     normalize: bool = True
     output: str = ""
     max_inputs: int = 2048
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = 4096
     max_queue_delay: float = 0.0005
     max_queue: int = 1024
 

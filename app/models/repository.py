@@ -116,7 +116,7 @@ class TextConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     normalize: bool = True
     output: str = ""
     max_inputs: int = 2048
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = 4096
     max_queue_delay_us: int = 500
     max_queue: int = 1024
 

