@@ -259,9 +259,9 @@ class TextRunner:
         """Token ids of each text for the model (special tokens added).
 
         Raises:
-            InvalidInput: no texts, or an empty one.
-            PayloadTooLarge: more texts than ``max_inputs``, or a text longer than
-                ``max_tokens`` tokens when ``truncate`` is off.
+            InvalidInput: no texts, an empty one, or one longer than ``max_tokens`` tokens
+                when ``truncate`` is off.
+            PayloadTooLarge: more texts than ``max_inputs``.
         """
         self._check_count(len(texts))
         for i, text in enumerate(texts):
@@ -272,7 +272,7 @@ class TextRunner:
         if not truncate:
             for i, seq in enumerate(sequences):
                 if len(seq) > self.options.max_tokens:
-                    raise PayloadTooLarge(
+                    raise InvalidInput(
                         f"input {i} has {len(seq)} tokens; model {self.model.name!r} takes at "
                         f"most {self.options.max_tokens} (ask for truncation to cut it)"
                     )
@@ -282,15 +282,16 @@ class TextRunner:
         """Token ids given by a client, used as they are.
 
         Raises:
-            InvalidInput: no sequences, an empty one, or an id outside the vocabulary.
-            PayloadTooLarge: too many sequences, or one longer than ``max_tokens``.
+            InvalidInput: no sequences, an empty one, one longer than ``max_tokens``, or an
+                id outside the vocabulary.
+            PayloadTooLarge: too many sequences.
         """
         self._check_count(len(sequences))
         for i, seq in enumerate(sequences):
             if not seq:
                 raise InvalidInput(f"input {i} has no tokens")
             if len(seq) > self.options.max_tokens:
-                raise PayloadTooLarge(
+                raise InvalidInput(
                     f"input {i} has {len(seq)} tokens; model {self.model.name!r} takes at most "
                     f"{self.options.max_tokens}"
                 )
