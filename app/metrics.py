@@ -118,6 +118,39 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
+        self.prompt_tokens_total = Counter(
+            f"{PREFIX}_prompt_tokens",
+            "Prompt tokens of generation requests, by model and version.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.generated_tokens_total = Counter(
+            f"{PREFIX}_generated_tokens",
+            "Tokens generated, by model and version.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time from a generation request queued to its first token, by model and version.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Time between a generation's consecutive tokens, by model and version.",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.active_sequences_gauge = Gauge(
+            f"{PREFIX}_active_sequences",
+            "Sequences generating right now (all live workers), by model and version.",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
             "Requests being handled right now.",
@@ -160,6 +193,26 @@ class Metrics:
     def tokens(self, model: str, version: str, count: int) -> None:
         """Count a request's tokens."""
         self.tokens_total.labels(model, version).inc(count)
+
+    def prompt_tokens(self, model: str, version: str, count: int) -> None:
+        """Count a generation request's prompt tokens."""
+        self.prompt_tokens_total.labels(model, version).inc(count)
+
+    def generated_tokens(self, model: str, version: str, count: int) -> None:
+        """Count generated tokens."""
+        self.generated_tokens_total.labels(model, version).inc(count)
+
+    def first_token(self, model: str, version: str, seconds: float) -> None:
+        """Record a time to first token."""
+        self.time_to_first_token.labels(model, version).observe(seconds)
+
+    def inter_token(self, model: str, version: str, seconds: float) -> None:
+        """Record the time between two tokens of a generation."""
+        self.inter_token_latency.labels(model, version).observe(seconds)
+
+    def active_sequences(self, model: str, version: str, count: int) -> None:
+        """Set how many sequences this worker is generating."""
+        self.active_sequences_gauge.labels(model, version).set(count)
 
     def inference(self, model: str, version: str, seconds: float) -> None:
         """Record one session run (the serving layer's inference observer)."""

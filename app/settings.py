@@ -39,6 +39,8 @@ MAX_BODY_BYTES = 1024 * 1024 * 1024
 MAX_BATCH_ROWS = 1_000_000
 MAX_TENSOR_ELEMENTS = 1 << 31
 MAX_TEXT_TOKENS = 65_536
+#: Most sequences one worker may generate at once (each holds a key/value cache).
+MAX_SEQUENCES = 256
 MAX_TIMEOUT_MS = 3_600_000
 MAX_QUEUE = 100_000
 

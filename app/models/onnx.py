@@ -32,6 +32,21 @@ class InferenceObserver(Protocol):
     def tokens(self, model: str, version: str, count: int) -> None:
         """A request's texts came to ``count`` tokens."""
 
+    def prompt_tokens(self, model: str, version: str, count: int) -> None:
+        """A generation request's prompt came to ``count`` tokens."""
+
+    def generated_tokens(self, model: str, version: str, count: int) -> None:
+        """``count`` tokens were generated."""
+
+    def first_token(self, model: str, version: str, seconds: float) -> None:
+        """A generation's first token came ``seconds`` after its request was queued."""
+
+    def inter_token(self, model: str, version: str, seconds: float) -> None:
+        """A generation's next token came ``seconds`` after its previous one."""
+
+    def active_sequences(self, model: str, version: str, count: int) -> None:
+        """``count`` sequences are generating in this worker now."""
+
 
 class ModelState(enum.StrEnum):
     """Life cycle of a model version inside one worker."""
@@ -71,6 +86,37 @@ class TextOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class GenerationOptions:
+    """``[generation]`` in ``model.toml`` (see :mod:`app.models.generation`).
+
+    Attributes:
+        max_context: Longest sequence, prompt and generated tokens together; the key/value
+            cache holds this many positions per sequence.
+        max_sequences: Sequences generating at once per worker (one decoding step runs
+            them all).
+        max_queue: Requests that may wait for a sequence slot per worker; more get 503.
+        max_new_tokens: Largest ``max_tokens`` a request may ask for.
+        default_max_tokens: Tokens generated when a request does not say (at most what the
+            context has room for).
+        eos_token_ids: Tokens that end a generation.
+        bos_token_id: Token put before plain prompts (not chat ones: the template does it),
+            or None.
+        max_stop_sequences: Most stop sequences per request.
+        max_stop_length: Longest stop sequence, in characters.
+    """
+
+    max_context: int = 2048
+    max_sequences: int = 8
+    max_queue: int = 64
+    max_new_tokens: int = 2048
+    default_max_tokens: int = 256
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    max_stop_sequences: int = 8
+    max_stop_length: int = 256
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeOptions:
     """How a session is built and warmed up.
 
@@ -84,6 +130,7 @@ class RuntimeOptions:
         max_queue: Requests that may wait for a run slot, per worker; more are shed.
         batching: Dynamic batching limits, or None to run each request on its own.
         text: How a text model tokenizes and pools, or None for a tensor model.
+        generation: How a generation model decodes, or None.
         inline_run_us: In a gevent worker, a model whose warm-up (the fastest run at each
             warm-up batch size) took at most this long runs on the worker's own thread; a
             slower one, one never warmed up, and one whose runs exceed it in CPU time
@@ -100,6 +147,7 @@ class RuntimeOptions:
     batching: BatchingOptions | None = None
     inline_run_us: int = 1000
     text: TextOptions | None = None
+    generation: GenerationOptions | None = None
 
 
 class OnnxModel:
@@ -235,6 +283,11 @@ class OnnxModel:
                 ) from None
             fastest[rows] = min(took, fastest.get(rows, took))
         return max(fastest.values())
+
+    @property
+    def session(self) -> Any:
+        """The onnxruntime session (for IO bindings); None until loaded."""
+        return self._session
 
     @property
     def label(self) -> str:

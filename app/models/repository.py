@@ -20,7 +20,9 @@ import structlog
 
 from app.models.batching import BatchingOptions
 from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
+from app.models.generation import CHAT_TEMPLATE_FILE, Generator
 from app.models.onnx import (
+    GenerationOptions,
     InferenceObserver,
     ModelState,
     OnnxModel,
@@ -29,11 +31,12 @@ from app.models.onnx import (
 )
 from app.models.onnx_proto import ProtoError, external_data_locations, looks_like_model
 from app.models.runner import Predictor, Runner
-from app.models.text import TOKENIZER_FILE, TextRunner
+from app.models.text import TOKENIZER_FILE, TextRunner, Vocabulary
 from app.settings import (
     MAX_BATCH_ROWS,
     MAX_INLINE_RUN_US,
     MAX_QUEUE,
+    MAX_SEQUENCES,
     MAX_TENSOR_ELEMENTS,
     MAX_TEXT_TOKENS,
     MAX_TIMEOUT_MS,
@@ -150,6 +153,71 @@ class TextConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         )
 
 
+class GenerationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[generation]`` in ``model.toml``: a causal language model with its
+    ``tokenizer.json`` (and ``chat_template.jinja``) beside each ``model.onnx`` (see
+    :mod:`app.models.generation`).
+
+    Attributes:
+        max_context: Longest sequence (prompt and generated tokens) per request.
+        max_sequences: Sequences generating at once per worker.
+        max_queue: Requests that may wait for a sequence per worker; more get 503.
+        max_new_tokens: Largest ``max_tokens`` a request may ask for (default: what the
+            context has room for after a one-token prompt).
+        default_max_tokens: Tokens generated when a request does not say (default: 256, or
+            ``max_new_tokens`` if smaller).
+        eos_token_ids: Tokens that end a generation.
+        bos_token_id: Token put before plain prompts, if the model wants one.
+        max_stop_sequences: Most stop sequences per request.
+        max_stop_length: Longest stop sequence, in characters.
+    """
+
+    max_context: int = 2048
+    max_sequences: int = 8
+    max_queue: int = 64
+    max_new_tokens: int | None = None
+    default_max_tokens: int | None = None
+    eos_token_ids: list[int] = msgspec.field(default_factory=list)
+    bos_token_id: int | None = None
+    max_stop_sequences: int = 8
+    max_stop_length: int = 256
+
+    def options(self, model: str) -> GenerationOptions:
+        """Validated options.
+
+        Raises:
+            RepositoryError: a value out of range.
+        """
+        where = f"model {model!r}: {MODEL_CONFIG}: generation"
+        new_tokens = self.max_new_tokens or self.max_context - 1
+        default_tokens = self.default_max_tokens or min(256, new_tokens)
+        for key, value, low, high in (
+            ("max_context", self.max_context, 2, MAX_TEXT_TOKENS),
+            ("max_sequences", self.max_sequences, 1, MAX_SEQUENCES),
+            ("max_queue", self.max_queue, 0, MAX_QUEUE),
+            ("max_new_tokens", new_tokens, 1, self.max_context - 1),
+            ("default_max_tokens", default_tokens, 1, new_tokens),
+            ("max_stop_sequences", self.max_stop_sequences, 0, 64),
+            ("max_stop_length", self.max_stop_length, 1, 4096),
+        ):
+            problem = out_of_range(key, value, low, high)
+            if problem:
+                raise RepositoryError(f"{where}: {problem}")
+        if not self.eos_token_ids:
+            raise RepositoryError(f"{where}: eos_token_ids is empty: name the end token(s)")
+        return GenerationOptions(
+            max_context=self.max_context,
+            max_sequences=self.max_sequences,
+            max_queue=self.max_queue,
+            max_new_tokens=new_tokens,
+            default_max_tokens=default_tokens,
+            eos_token_ids=tuple(self.eos_token_ids),
+            bos_token_id=self.bos_token_id,
+            max_stop_sequences=self.max_stop_sequences,
+            max_stop_length=self.max_stop_length,
+        )
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Contents of ``<name>/model.toml``; every key is optional.
 
@@ -166,6 +234,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             run in a helper thread in gevent workers).
         batching: Dynamic batching (``[batching]`` table); off when absent.
         text: The model takes text (``[text]`` table); a tensor model when absent.
+        generation: The model generates text (``[generation]`` table).
         traffic: Weights by version for requests that name no version, e.g.
             ``{"1" = 90, "2" = 10}``; routing is sticky per request id.
         labels: Class names, shown in metadata for clients.
@@ -184,6 +253,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     traffic: dict[str, int] = msgspec.field(default_factory=dict)
     batching: BatchingConfig | None = None
     text: TextConfig | None = None
+    generation: GenerationConfig | None = None
     labels: list[str] = msgspec.field(default_factory=list)
     description: str = ""
 
@@ -320,10 +390,14 @@ class Repository:
         for entry in self._entries.values():
             for version, model in sorted(entry.versions.items()):
                 model.load()
-                served: Predictor = runner(model)
+                served: Predictor
                 if model.options.text is not None:
                     tokenizer = str(model.path.parent / TOKENIZER_FILE)
                     served = TextRunner(runner(model), model.options.text, tokenizer)
+                elif model.options.generation is not None:
+                    served = Generator(model, model.options.generation, model.path.parent)
+                else:
+                    served = runner(model)
                 entry.runners[version] = served
                 log.info("model_ready", model=model.name, version=model.version_str)
 
@@ -362,6 +436,47 @@ class Repository:
     def text_names(self) -> list[str]:
         """Names of the text models, in order."""
         return [name for name, entry in self._entries.items() if entry.config.text is not None]
+
+    @property
+    def generation_names(self) -> list[str]:
+        """Names of the generation models, in order."""
+        return [n for n, entry in self._entries.items() if entry.config.generation is not None]
+
+    def generator(
+        self, name: str | None = None, version: str | None = None, routing_key: str | None = None
+    ) -> Generator:
+        """A generation model's runner: the one named, or the first generation model.
+
+        Raises:
+            ModelNotFound: no such model, or it does not generate (or none is served).
+            ModelNotReady: it is still loading.
+        """
+        if name is None:
+            if not self.generation_names:
+                raise ModelNotFound("no text generation model is served here")
+            name = self.generation_names[0]
+        runner = self.get(name, version, routing_key)
+        if not isinstance(runner, Generator):
+            raise ModelNotFound(f"model {name!r} does not generate text")
+        return runner
+
+    def vocabulary(self, name: str | None = None, routing_key: str | None = None) -> Vocabulary:
+        """The tokenizer of a text or generation model: the one named, or the first text
+        model (else the first generation model).
+
+        Raises:
+            ModelNotFound: no such model, or it has no tokenizer (or none is served).
+            ModelNotReady: it is still loading.
+        """
+        if name is None:
+            names = self.text_names or self.generation_names
+            if not names:
+                raise ModelNotFound("no text model is served here")
+            name = names[0]
+        runner = self.get(name, None, routing_key)
+        if not isinstance(runner, Vocabulary):
+            raise ModelNotFound(f"model {name!r} is not a text model")
+        return runner
 
     def text(
         self, name: str | None = None, version: str | None = None, routing_key: str | None = None
@@ -429,13 +544,19 @@ def _scan_model(
     runtime = RuntimeOptions(
         intra_op_threads=config.intra_op_threads or options.intra_op_threads,
         inter_op_threads=config.inter_op_threads or options.inter_op_threads,
-        warmup_runs=options.warmup_runs if config.warmup_runs is None else config.warmup_runs,
+        # A generation model warms up its own way (app.models.generation.Generator.warm_up).
+        warmup_runs=0
+        if config.generation
+        else options.warmup_runs
+        if config.warmup_runs is None
+        else config.warmup_runs,
         max_batch_rows=min(config.max_batch_rows or options.max_batch_rows, options.max_batch_rows),
         timeout=config.timeout_ms / 1000 if config.timeout_ms else options.timeout,
         max_concurrency=config.max_concurrency or options.max_concurrency,
         max_queue=options.max_queue if config.max_queue is None else config.max_queue,
         batching=config.batching.options(name) if config.batching else None,
         text=config.text.options(name) if config.text else None,
+        generation=config.generation.options(name) if config.generation else None,
         inline_run_us=(
             options.inline_run_us if config.inline_run_us is None else config.inline_run_us
         ),
@@ -458,12 +579,23 @@ def _scan_model(
         if not model_file.is_file():
             raise RepositoryError(f"model {name!r} version {version_dir.name} has no {MODEL_FILE}")
         check_model_file(model_file, version_dir)
-        if config.text is not None:
+        if config.text is not None or config.generation is not None:
             tokenizer = version_dir / TOKENIZER_FILE
             if not tokenizer.is_file() or not _inside(tokenizer, version_dir):
                 raise RepositoryError(
                     f"model {name!r} version {version_dir.name}: a text model needs its "
                     f"{TOKENIZER_FILE} beside {MODEL_FILE}"
+                )
+            template = version_dir / CHAT_TEMPLATE_FILE
+            if template.exists() and not _inside(template, version_dir):
+                raise RepositoryError(
+                    f"model {name!r} version {version_dir.name}: {CHAT_TEMPLATE_FILE} leads "
+                    "outside its folder"
+                )
+            if config.text is not None and config.generation is not None:
+                raise RepositoryError(
+                    f"model {name!r}: {MODEL_CONFIG}: a model has [text] (embeddings) or "
+                    "[generation], not both"
                 )
             if config.batching is not None:
                 raise RepositoryError(

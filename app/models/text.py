@@ -177,7 +177,43 @@ def _runs(order: list[tuple[int, int, int]], budget: int) -> list[list[tuple[int
     return runs
 
 
-class TextRunner:
+class Vocabulary:
+    """A model's tokenizer as clients see it: tokenize and decode, untruncated.
+
+    Args:
+        tokenizer: The model's tokenizer, without padding or truncation.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._exact = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        #: Ids of the special tokens ([CLS], [SEP], [PAD], <|im_end|>...).
+        self.special_ids = {
+            i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special
+        }
+
+    def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[Encoding]:
+        """Tokens of each text, untruncated."""
+        return self._exact.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of token ids.
+
+        Raises:
+            InvalidInput: an id outside the vocabulary.
+        """
+        self._check_ids(ids, "ids")
+        return self._exact.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def _check_ids(self, ids: Sequence[int], where: str) -> None:
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidInput(
+                f"{where}: token id {bad} is not in the vocabulary (0 to {self.vocab_size - 1})"
+            )
+
+
+class TextRunner(Vocabulary):
     """Serves a text model: tokenizer, token-budget batching and pooling around a runner.
 
     Args:
@@ -190,15 +226,11 @@ class TextRunner:
     """
 
     def __init__(self, runner: Runner, options: TextOptions, tokenizer_path: str) -> None:
+        exact, self._truncating = load_tokenizers(tokenizer_path, options.max_tokens)
+        super().__init__(exact)
         self.runner = runner
         self.model = runner.model
         self.options = options
-        self._exact, self._truncating = load_tokenizers(tokenizer_path, options.max_tokens)
-        self.vocab_size = self._exact.get_vocab_size(with_added_tokens=True)
-        #: Ids of the special tokens ([CLS], [SEP], [PAD]...).
-        self.special_ids = {
-            i for i, token in self._exact.get_added_tokens_decoder().items() if token.special
-        }
         graph = self.model.signature
         names = {s.name for s in graph.inputs}
         if not {"input_ids", "attention_mask"} <= names:
@@ -241,19 +273,6 @@ class TextRunner:
         return self.runner.timeout
 
     # -- text in -----------------------------------------------------------------------------
-
-    def tokenize(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[Encoding]:
-        """Tokens of each text, untruncated."""
-        return self._exact.encode_batch(list(texts), add_special_tokens=add_special_tokens)
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """The text of token ids.
-
-        Raises:
-            InvalidInput: an id outside the vocabulary.
-        """
-        self._check_ids(ids, "ids")
-        return self._exact.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def sequences(self, texts: Sequence[str], truncate: bool) -> list[list[int]]:
         """Token ids of each text for the model (special tokens added).
@@ -305,13 +324,6 @@ class TextRunner:
             raise PayloadTooLarge(
                 f"{count} inputs; model {self.model.name!r} takes at most "
                 f"{self.options.max_inputs} per request"
-            )
-
-    def _check_ids(self, ids: Sequence[int], where: str) -> None:
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise InvalidInput(
-                f"{where}: token id {bad} is not in the vocabulary (0 to {self.vocab_size - 1})"
             )
 
     # -- vectors out -------------------------------------------------------------------------

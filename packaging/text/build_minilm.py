@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from graph import Graph  # packaging/text, on the path as the script's own folder
+from onnx import TensorProto, helper
 from safetensors.numpy import load as load_safetensors
 
 OPSET = 17
@@ -72,43 +73,20 @@ def load_checkpoint() -> Checkpoint:
     return Checkpoint(weights, config, pooling, tokenizer)
 
 
-class _Graph:
-    """Collects nodes and initializers under unique names."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self._count = 0
-
-    def name(self, hint: str) -> str:
-        self._count += 1
-        return f"{hint}_{self._count}"
-
-    def const(self, hint: str, value: np.ndarray) -> str:
-        name = self.name(hint)
-        self.initializers.append(numpy_helper.from_array(value, name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], hint: str = "", **attrs: object) -> str:
-        out = self.name(hint or op_type.lower())
-        self.nodes.append(helper.make_node(op_type, inputs, [out], **attrs))
-        return out
-
-
-def _linear(g: _Graph, x: str, weights: dict[str, np.ndarray], prefix: str) -> str:
+def _linear(g: Graph, x: str, weights: dict[str, np.ndarray], prefix: str) -> str:
     # Checkpoint weights are [out, in]; the graph multiplies by [in, out].
     w = g.const(f"{prefix}.w", np.ascontiguousarray(weights[f"{prefix}.weight"].T))
     b = g.const(f"{prefix}.b", weights[f"{prefix}.bias"])
     return g.op("Add", [g.op("MatMul", [x, w]), b])
 
 
-def _layer_norm(g: _Graph, x: str, weights: dict[str, np.ndarray], prefix: str, eps: float) -> str:
+def _layer_norm(g: Graph, x: str, weights: dict[str, np.ndarray], prefix: str, eps: float) -> str:
     gamma = g.const(f"{prefix}.gamma", weights[f"{prefix}.weight"])
     beta = g.const(f"{prefix}.beta", weights[f"{prefix}.bias"])
     return g.op("LayerNormalization", [x, gamma, beta], axis=-1, epsilon=eps)
 
 
-def _embeddings(g: _Graph, w: dict[str, np.ndarray], eps: float) -> str:
+def _embeddings(g: Graph, w: dict[str, np.ndarray], eps: float) -> str:
     """Word + token type 0 (single sentences) + position embeddings, then layer norm."""
     table = g.const("word_embeddings", w["embeddings.word_embeddings.weight"])
     words = g.op("Gather", [table, "input_ids"])
@@ -126,7 +104,7 @@ def _embeddings(g: _Graph, w: dict[str, np.ndarray], eps: float) -> str:
 
 
 def _layer(
-    g: _Graph, x: str, w: dict[str, np.ndarray], p: str, bias: str, heads: int, eps: float
+    g: Graph, x: str, w: dict[str, np.ndarray], p: str, bias: str, heads: int, eps: float
 ) -> str:
     """One encoder layer: self-attention, then the feed-forward block, each with a residual."""
     hidden = w[f"{p}.attention.self.query.weight"].shape[0]
@@ -161,7 +139,7 @@ def _layer(
     return _layer_norm(g, g.op("Add", [out, x1]), w, f"{p}.output.LayerNorm", eps)
 
 
-def _mean_pool_normalized(g: _Graph, x: str, maskf: str, out: str) -> None:
+def _mean_pool_normalized(g: Graph, x: str, maskf: str, out: str) -> None:
     """Mean over the real tokens, then unit length (sentence-transformers' Normalize)."""
     mask3 = g.op("Unsqueeze", [maskf, g.const("axis2", np.array([2], np.int64))])
     axis1 = g.const("axis1", np.array([1], np.int64))
@@ -186,7 +164,7 @@ def build_graph(checkpoint: Checkpoint) -> onnx.ModelProto:
     hidden = int(cfg["hidden_size"])  # type: ignore[call-overload]
     heads = int(cfg["num_attention_heads"])  # type: ignore[call-overload]
     eps = float(cfg["layer_norm_eps"])  # type: ignore[arg-type]
-    g = _Graph()
+    g = Graph()
     x = _embeddings(g, w, eps)
     # Padding gets MASKED added to its attention scores: [batch, 1, 1, tokens].
     maskf = g.op("Cast", ["attention_mask"], to=TensorProto.FLOAT)
