@@ -30,7 +30,7 @@ $(VENV)/.dev: $(UV) pyproject.toml uv.lock
 # The repository `make run` serves: the demo models and the text models built from their
 # packages' weights (seconds, once; again when a builder changes).
 MODELS := build/models
-$(MODELS)/.ready: $(VENV)/.runtime packaging/default_models.py packaging/text/build_minilm.py $(wildcard app/demo_models/*/* app/demo_models/*/*/*)
+$(MODELS)/.ready: $(VENV)/.runtime packaging/default_models.py $(wildcard packaging/text/*.py) $(wildcard app/demo_models/*/* app/demo_models/*/*/*)
 	$(BIN)/python packaging/default_models.py $(MODELS)
 	touch $@
 

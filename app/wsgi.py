@@ -13,6 +13,12 @@ from app.models.onnx import RuntimeOptions
 from app.models.repository import Repository
 from app.ratelimit import RateLimiter
 from app.resources import errors
+from app.resources.generation import (
+    ChatCompletionsResource,
+    CompletionsResource,
+    GenerateResource,
+    WebSocketResource,
+)
 from app.resources.health import (
     LIVE_PATHS,
     READY_PATHS,
@@ -109,6 +115,10 @@ def create_app(
     detokenize = DetokenizeResource(repository, limits)
     app.add_route("/detokenize", detokenize)
     app.add_route("/decode", detokenize)
+    app.add_route("/generate", GenerateResource(repository, limits))
+    app.add_route("/v1/completions", CompletionsResource(repository, limits))
+    app.add_route("/v1/chat/completions", ChatCompletionsResource(repository, limits))
+    app.add_route("/ws", WebSocketResource(repository, limits))
     if settings.metrics.enabled:
         app.add_route("/metrics", MetricsResource(metrics))
     openapi = OpenApiResource()

@@ -162,6 +162,17 @@ class Generation:
             if self.finished is None:
                 self.cancel()
 
+    @property
+    def done(self) -> Finished:
+        """How it ended, once the iteration ran out.
+
+        Raises:
+            InferenceFailed: it has not ended (or ended in an error).
+        """
+        if self.finished is None:
+            raise InferenceFailed("the generation has not finished")
+        return self.finished
+
     def _patience(self) -> float | None:
         # The scheduler ends overdue generations itself; this only guards against losing it.
         if self.deadline is None:
@@ -479,6 +490,15 @@ class Generator(Vocabulary):
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
         return self._check_prompt(ids)
+
+    def prompt_ids(self, ids: Sequence[int]) -> list[int]:
+        """A prompt the client sent as token ids.
+
+        Raises:
+            InvalidInput: an id outside the vocabulary, or a prompt that is too long.
+        """
+        self._check_ids(ids, "prompt")
+        return self._check_prompt(list(ids))
 
     def chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         """Token ids of the chat template applied to ``messages``.

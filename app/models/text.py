@@ -184,6 +184,9 @@ class Vocabulary:
         tokenizer: The model's tokenizer, without padding or truncation.
     """
 
+    #: The served model's signature (set by the subclass).
+    signature: Signature
+
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._exact = tokenizer
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)

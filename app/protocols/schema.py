@@ -439,6 +439,210 @@ class DetokenizeResponse(_Body):
     text: str
 
 
+# -- Generation ------------------------------------------------------------------------------
+
+Temperature = Annotated[float, Meta(ge=0, le=100, description="0 is greedy.")]
+TopP = Annotated[float, Meta(gt=0, le=1)]
+TopK = Annotated[int, Meta(ge=0, description="0 samples from the whole vocabulary.")]
+MaxTokens = Annotated[int, Meta(ge=1, description="Most tokens to generate.")]
+Seed = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+
+
+class ModelInfo(_Body):
+    """Which model version answered."""
+
+    name: str
+    version: str
+
+
+class GenerateRequest(_Body, kw_only=True, forbid_unknown_fields=True):
+    """``POST /generate`` (and the first message on ``/ws``)."""
+
+    prompt: Annotated[str, Meta(min_length=1)]
+    model: str | UnsetType = UNSET
+    max_tokens: MaxTokens | UnsetType = UNSET
+    temperature: Temperature = 1.0
+    top_k: TopK = 0
+    top_p: TopP = 1.0
+    stop_sequences: list[str] = msgspec.field(default_factory=list)
+    stream: bool = False
+    seed: Seed | None = None
+
+
+class GenerateResponse(_Body, kw_only=True):
+    """The answer of ``POST /generate``, and the last event of a stream (``text`` then
+    holds the whole text)."""
+
+    text: str
+    tokens_generated: int
+    prompt_tokens: int
+    finish_reason: Literal["stop", "length"]
+    processing_time_ms: float
+    model_info: ModelInfo
+
+
+class GeneratedToken(_Body, kw_only=True):
+    """One event of a ``/generate`` stream: the text a new token completes (may be empty)."""
+
+    text: str
+    token_id: int
+    index: int
+
+
+class StreamOptions(_Body, kw_only=True, forbid_unknown_fields=True):
+    """OpenAI's ``stream_options``."""
+
+    include_usage: bool = False
+
+
+StopField = Annotated[str | list[str] | None, Meta(description="A text or texts that end it.")]
+#: OpenAI's parameters that only their defaults are served for.
+_Zero = Annotated[float, Meta(ge=0, le=0, description="Only 0 is supported.")]
+_One = Annotated[int, Meta(ge=1, le=1, description="Only 1 is supported.")]
+
+
+class CompletionRequest(_Body, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/completions``, as OpenAI's API takes it (one choice, no log probabilities)."""
+
+    model: str
+    prompt: Annotated[
+        str | list[Any], Meta(description="A text, or a list of one text or of token ids.")
+    ]
+    max_tokens: MaxTokens | None = 16
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    n: _One = 1
+    best_of: _One = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopField = None
+    seed: Seed | None = None
+    echo: Literal[False] = False
+    logprobs: None = None
+    frequency_penalty: _Zero = 0
+    presence_penalty: _Zero = 0
+    user: str | UnsetType = UNSET
+
+
+class CompletionChoice(_Body, kw_only=True):
+    """One choice of a completion (or of a streamed chunk)."""
+
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class CompletionUsage(_Body):
+    """Tokens a generation used."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(_Body, kw_only=True):
+    """The answer of ``POST /v1/completions`` (and each chunk of its stream)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class ContentPart(_Body, kw_only=True, forbid_unknown_fields=True):
+    """A text part of a message's content."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body, kw_only=True, forbid_unknown_fields=True):
+    """One message of a chat."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | UnsetType = UNSET
+
+
+class ChatCompletionRequest(_Body, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/chat/completions``, as OpenAI's API takes it (text only, one choice)."""
+
+    model: str
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    n: _One = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StopField = None
+    seed: Seed | None = None
+    logprobs: Literal[False] = False
+    frequency_penalty: _Zero = 0
+    presence_penalty: _Zero = 0
+    user: str | UnsetType = UNSET
+
+
+class AssistantMessage(_Body, kw_only=True):
+    """The model's message."""
+
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Body, kw_only=True):
+    """The one choice of a chat completion."""
+
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(_Body, kw_only=True):
+    """The answer of ``POST /v1/chat/completions``."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+
+
+class Delta(_Body, kw_only=True, omit_defaults=True):
+    """What a chunk adds to the message."""
+
+    role: Literal["assistant"] | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChunkChoice(_Body, kw_only=True):
+    """The one choice of a chat stream chunk."""
+
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Body, kw_only=True):
+    """One event of a chat completion stream."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: CompletionUsage | None = None
+
+
 # -- Errors ----------------------------------------------------------------------------------
 
 
@@ -509,6 +713,14 @@ BODIES: tuple[Any, ...] = (
     list[list[Token]],
     DetokenizeRequest,
     DetokenizeResponse,
+    GenerateRequest,
+    GenerateResponse,
+    GeneratedToken,
+    CompletionRequest,
+    Completion,
+    ChatCompletionRequest,
+    ChatCompletion,
+    ChatCompletionChunk,
 )
 
 

@@ -24,6 +24,9 @@ JSON_TYPES = frozenset({"application/json", ""})
 BINARY_TYPE = "application/octet-stream"
 #: WSGI environ key that asks for the connection to be closed after the answer.
 CLOSE_CONNECTION = "onnx_appliance.close_connection"
+#: WSGI environ key saying that a route took the connection over (a WebSocket): the server
+#: must close it without writing an HTTP answer.
+HIJACKED = "onnx_appliance.hijacked"
 _ENCODINGS = frozenset({"identity", "gzip", "x-gzip"})
 _CHUNK = 1 << 20
 

@@ -24,7 +24,9 @@ log = structlog.get_logger(__name__)
 RETRY_AFTER_SECONDS = "1"
 #: Routes whose errors take OpenAI's shape (``{"error": {"message", "type", ...}}``), which
 #: OpenAI's clients read; ``error_code`` and ``request_id`` are there too.
-OPENAI_PATHS = frozenset({"/v1/embeddings", "/v1/models"})
+OPENAI_PATHS = frozenset(
+    {"/v1/embeddings", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+)
 _OPENAI_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -63,19 +65,26 @@ def render_error(
     status = HTTP_STATUS[code]
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
-    request_id = getattr(req.context, "request_id", "")
-    if req.path in OPENAI_PATHS:
-        kind = _OPENAI_TYPES.get(
-            status, "invalid_request_error" if status < 500 else "server_error"
-        )
-        error = schema.OpenAIError(message=message, type=kind, code=code.lower())
-        resp.data = schema.encode(schema.OpenAIErrorBody(error, code, request_id))
-    else:
-        resp.data = schema.encode(ErrorBody(message, code, request_id))
+    resp.data = schema.encode(error_document(req, code, message))
     if status == 503 and not (headers and "Retry-After" in headers):
         resp.set_header("Retry-After", RETRY_AFTER_SECONDS)
     for name, value in (headers or {}).items():
         resp.set_header(name, value)
+
+
+def error_document(
+    req: falcon.Request, code: ErrorCode, message: str
+) -> ErrorBody | schema.OpenAIErrorBody:
+    """The error body for ``req``'s route (also sent as the last event of a broken stream)."""
+    request_id = getattr(req.context, "request_id", "")
+    if req.path in OPENAI_PATHS:
+        status = HTTP_STATUS[code]
+        kind = _OPENAI_TYPES.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
+        error = schema.OpenAIError(message=message, type=kind, code=code.lower())
+        return schema.OpenAIErrorBody(error, code, request_id)
+    return ErrorBody(message, code, request_id)
 
 
 def handle_appliance_error(

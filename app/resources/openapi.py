@@ -23,6 +23,7 @@ from app.protocols import schema
 F = TypeVar("F", bound=Callable[..., Any])
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
+_EVENTS = "text/event-stream"
 _E = ErrorCode
 
 #: What each code means, for the responses' descriptions.
@@ -80,6 +81,8 @@ class Operation:
         binary: Also takes and answers binary tensor data (application/octet-stream).
         deadline: Takes ``X-Request-Timeout-Ms``.
         media: Media type of a non-JSON 200.
+        events: Types of the Server-Sent Events it may answer with instead (``data`` lines).
+        websocket: What the route speaks after a 101 (it answers no 200), or "".
     """
 
     summary: str
@@ -89,6 +92,8 @@ class Operation:
     binary: bool = False
     deadline: bool = False
     media: str = _JSON
+    events: tuple[Any, ...] = ()
+    websocket: str = ""
 
 
 _OPERATIONS: dict[str, Operation] = {}
@@ -103,6 +108,8 @@ def documented(
     binary: bool = False,
     deadline: bool = False,
     media: str = _JSON,
+    events: Any = None,
+    websocket: str = "",
 ) -> Callable[[F], F]:
     """Describe a responder for the OpenAPI document.
 
@@ -119,6 +126,8 @@ def documented(
             binary,
             deadline,
             media,
+            _members(events),
+            websocket,
         )
         return responder
 
@@ -158,7 +167,8 @@ def build_spec(app: falcon.App[Any, Any], open_paths: Iterable[str] = ()) -> dic
             routes.append((route.path, responder.method.lower(), operation))
     types = list(
         dict.fromkeys(
-            [schema.ErrorBody] + [t for _, _, op in routes for t in (*op.responses, *op.requests)]
+            [schema.ErrorBody]
+            + [t for _, _, op in routes for t in (*op.responses, *op.requests, *op.events)]
         )
     )
     refs, components = schema.components(tuple(types))
@@ -241,6 +251,15 @@ def _operation(
         ok[operation.media] = {}
     if operation.binary:
         ok[_BINARY] = {"schema": _BINARY_SCHEMA}
+    if operation.events:
+        ok[_EVENTS] = {
+            "schema": {
+                "type": "string",
+                "description": "Server-Sent Events (when the body asks to stream); the data "
+                "of each is JSON of one of: "
+                + ", ".join(ref_of[t]["$ref"].rsplit("/", 1)[-1] for t in operation.events),
+            }
+        }
     codes = [*operation.errors, _E.INTERNAL]
     if needs_key:
         codes += KEY_ERRORS
@@ -251,9 +270,12 @@ def _operation(
             body[_BINARY] = {"schema": _BINARY_SCHEMA}
         result["requestBody"] = {"required": True, "content": body}
         codes += BODY_ERRORS
-    result["responses"] = {"200": {"description": "OK", "content": ok}} | _errors(
-        codes, ref_of[schema.ErrorBody]
+    success = (
+        {"101": {"description": f"Switching Protocols: {operation.websocket}"}}
+        if operation.websocket
+        else {"200": {"description": "OK", "content": ok}}
     )
+    result["responses"] = success | _errors(codes, ref_of[schema.ErrorBody])
     return result
 
 

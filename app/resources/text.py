@@ -14,7 +14,7 @@ import numpy as np
 from app.errors import ErrorCode
 from app.models.errors import InvalidInput
 from app.models.repository import Repository
-from app.models.text import Embedded, TextRunner
+from app.models.text import Embedded, TextRunner, Vocabulary
 from app.protocols import schema
 from app.protocols import text as protocol
 from app.resources.common import JSON_TYPES, deadline, read_body, require_media_type, send
@@ -35,6 +35,12 @@ class _TextResource:
     def _body(self, req: falcon.Request) -> bytes:
         require_media_type(req, JSON_TYPES)
         return read_body(req, self._limits)
+
+    def _vocabulary(self, req: falcon.Request, name: str | None) -> Vocabulary:
+        vocabulary = self._repository.vocabulary(name, routing_key=req.context.request_id)
+        req.context.model = vocabulary.signature.name
+        req.context.version = vocabulary.signature.version
+        return vocabulary
 
     def _runner(self, req: falcon.Request, name: str | None) -> TextRunner:
         runner = self._repository.text(name, routing_key=req.context.request_id)
@@ -161,9 +167,9 @@ class TokenizeResource(_TextResource):
         errors=(_E.MODEL_NOT_FOUND, _E.MODEL_NOT_READY),
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Tokenize with the default (or named) text model's tokenizer."""
+        """Tokenize with the default (or named) text or generation model's tokenizer."""
         call = protocol.parse_tokenize(self._body(req))
-        runner = self._runner(req, call.model)
+        runner = self._vocabulary(req, call.model)
         encodings = runner.tokenize(call.texts, call.add_special_tokens)
         send(resp, protocol.encode_tokenize(call, encodings, runner.special_ids))
 
@@ -178,8 +184,8 @@ class DetokenizeResource(_TextResource):
         errors=(_E.MODEL_NOT_FOUND, _E.MODEL_NOT_READY),
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
-        """Decode with the default (or named) text model's tokenizer."""
+        """Decode with the default (or named) text or generation model's tokenizer."""
         call = protocol.parse_detokenize(self._body(req))
-        runner = self._runner(req, call.model)
+        runner = self._vocabulary(req, call.model)
         texts = [runner.decode(seq, call.skip_special_tokens) for seq in call.sequences]
         send(resp, protocol.encode_detokenize(call, texts))

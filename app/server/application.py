@@ -22,7 +22,7 @@ from app.metrics import Metrics
 from app.models.errors import RepositoryError
 from app.models.runner import Runner
 from app.ratelimit import RateLimiter, create_state
-from app.resources.common import CLOSE_CONNECTION
+from app.resources.common import CLOSE_CONNECTION, HIJACKED
 from app.server.arbiter import ApplianceArbiter, open_listeners
 from app.server.compat import force_close, inherited_listeners
 from app.server.options import gunicorn_options
@@ -157,10 +157,16 @@ def closing_connections(app: Callable[..., Any]) -> Callable[..., Any]:
     slow, an unknown encoding) asks to close instead (``CLOSE_CONNECTION`` in its environ),
     and gunicorn then answers with ``Connection: close`` and reads no further. Falcon calls
     ``start_response`` before it returns, and gunicorn sends the headers only after.
+
+    A route that took the connection over (``HIJACKED``: a WebSocket, now ended) gets it
+    closed with no HTTP answer written into it: gunicorn's workers close a connection
+    quietly on StopIteration.
     """
 
     def serve(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         result = app(environ, start_response)
+        if environ.get(HIJACKED):
+            raise StopIteration("the connection was a WebSocket")
         if environ.get(CLOSE_CONNECTION):
             force_close(start_response)
         return result

