@@ -144,3 +144,30 @@ def text_repository(text_models_dir: Path) -> Repository:
 @pytest.fixture
 def text_client(text_models_dir: Path, text_repository: Repository) -> falcon.testing.TestClient:
     return falcon.testing.TestClient(create_app(make_settings(text_models_dir), text_repository))
+
+
+@pytest.fixture(scope="session")
+def generation_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with the real SmolLM2 generation model (built from its package's GGUF)."""
+    sys.path.insert(0, str(ROOT / "packaging" / "text"))
+    import build_smollm
+
+    root = tmp_path_factory.mktemp("generation-repo")
+    build_smollm.build(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def generation_repository(generation_models_dir: Path) -> Repository:
+    repository = build_repository(make_settings(generation_models_dir))
+    repository.load()
+    return repository
+
+
+@pytest.fixture
+def generation_client(
+    generation_models_dir: Path, generation_repository: Repository
+) -> falcon.testing.TestClient:
+    return falcon.testing.TestClient(
+        create_app(make_settings(generation_models_dir), generation_repository)
+    )

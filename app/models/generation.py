@@ -444,6 +444,8 @@ class Generator(Vocabulary):
         self._waiting: deque[Generation] = deque()
         self._active: list[Generation | None] = [None] * options.max_sequences
         self._running = False
+        #: Decoding steps run (each advances every active sequence by one token).
+        self.steps = 0
         self.warm_up()
 
     @property
@@ -706,6 +708,7 @@ class Generator(Vocabulary):
         except Exception as exc:  # onnxruntime raises several unrelated types
             self._fail(live, exc)
             return
+        self.steps += 1
         now = time.monotonic()
         for sequence in live:
             sequence.length += 1

@@ -244,6 +244,7 @@ class WebSocketResource(_GenerationResource):
             raise ApiError(_E.INVALID_INPUT, f"WebSocket handshake failed: {exc}") from None
         # The socket is the WebSocket's now: gunicorn must not write an HTTP answer into it.
         req.env[HIJACKED] = True
+        resp.status = falcon.HTTP_101  # for the request log
         idle = max(self._limits.timeout_ms / 1000, 1.0)
         try:
             while ws.connected:
