@@ -643,6 +643,7 @@ class Generator(Vocabulary):
                 self._retire()
                 if not self._waiting and not any(self._active):
                     self._running = False
+                    self._report_active()
                     return
                 admitted = []
                 for slot, sequence in enumerate(self._active):
@@ -651,6 +652,8 @@ class Generator(Vocabulary):
                         new.slot = slot
                         self._active[slot] = new
                         admitted.append(new)
+            if admitted:
+                self._report_active()
             for sequence in admitted:
                 self._prefill(sequence)
             self._step()

@@ -19,6 +19,10 @@ from app.protocols import schema
 
 #: The line that ends an OpenAI stream.
 DONE = b"data: [DONE]\n\n"
+#: What a stream starts with when it has no first event yet: a comment, which clients skip,
+#: that sends the headers at once, so a client whose request waits for a sequence slot knows
+#: it was admitted.
+ADMITTED = b": admitted\n\n"
 
 
 @dataclass(frozen=True, slots=True)

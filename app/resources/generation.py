@@ -119,6 +119,7 @@ class GenerateResource(_GenerationResource):
     ) -> Iterator[bytes]:
         parts: list[str] = []
         try:
+            yield protocol.ADMITTED
             for index, chunk in enumerate(generation):
                 parts.append(chunk.text)
                 yield protocol.sse(
@@ -167,9 +168,7 @@ class _OpenAIResource(_GenerationResource):
         req: falcon.Request, generation: Generation, shape: protocol.OpenAIStream, usage: bool
     ) -> Iterator[bytes]:
         try:
-            start = shape.start()
-            if start:
-                yield start
+            yield shape.start() or protocol.ADMITTED
             for chunk in generation:
                 if chunk.text:
                     yield shape.text(chunk.text)

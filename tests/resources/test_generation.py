@@ -22,7 +22,7 @@ def _events(text: str) -> list[tuple[str, Any]]:
     """(event name, data) of each Server-Sent Event; data ``[DONE]`` stays a string."""
     out = []
     for block in text.split("\n\n"):
-        if not block:
+        if not block or block.startswith(":"):  # a comment
             continue
         name, data = "message", ""
         for line in block.split("\n"):
