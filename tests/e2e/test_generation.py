@@ -270,4 +270,3 @@ def test_generation_metrics_are_exported(stack: tuple[Server, Edge]) -> None:
     assert _metric(app, "onnx_appliance_inter_token_latency_seconds", "_count") > 0
     assert _metric(app, "onnx_appliance_prompt_tokens", "_total") > 0
     assert _generated(app) > 0
-
