@@ -165,3 +165,26 @@ def test_the_generation_model_tokenizes_and_is_listed(
     assert generation_client.simulate_post("/tokenize", json={"text": "x"}).status_code == 200
     models = generation_client.simulate_get("/v1/models").json
     assert [m["id"] for m in models["data"]] == ["smollm2"]
+
+
+def test_the_tensor_protocols_take_prompts_and_give_texts(
+    generation_client: falcon.testing.TestClient,
+) -> None:
+    resp = generation_client.simulate_post(
+        "/v2/models/smollm2/infer",
+        json={
+            "inputs": [
+                {
+                    "name": "text_input",
+                    "shape": [2],
+                    "datatype": "BYTES",
+                    "data": ["The capital of France is", "Hello"],
+                }
+            ]
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    (output,) = resp.json["outputs"]
+    assert output["name"] == "text_output"
+    assert output["shape"] == [2]
+    assert all(isinstance(text, str) and text for text in output["data"])
