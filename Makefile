@@ -61,9 +61,11 @@ format: $(VENV)/.dev
 demo-models: $(VENV)/.dev
 	$(BIN)/python packaging/demo/build_models.py app/demo_models
 
-# The appliance side by side with FastAPI, MLServer, BentoML and the bare floor (~30 min).
+# The appliance side by side with FastAPI, MLServer, BentoML and the bare floor (~30 min),
+# then generation against llama-cpp-python on the same GGUF (built from source once: minutes).
 bench: $(VENV)/.dev
 	$(BIN)/python loadtests/bench.py $(BENCH_ARGS)
+	$(BIN)/python loadtests/bench_generation.py $(BENCH_GENERATION_ARGS)
 
 # Locust scenarios through NGINX+TLS against loadtests/slo.toml (~2.5 min); fails on a missed SLO.
 # LOADTEST_ARGS="--host https://name --ca ca.pem" targets a running deployment instead.
