@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-peer", action="store_true", help="measure the appliance alone")
+    parser.add_argument("--out", type=Path, help="the report (default: bench/results/...)")
     args = parser.parse_args(argv)
     workdir = CACHE / "generation"
     shutil.rmtree(workdir, ignore_errors=True)
@@ -391,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     log("in-process ceiling ...")
     ceil = ceiling(models, args.threads, args.tokens)
     text = report(results, ceil, args, skipped)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{datetime.now(UTC):%Y-%m-%dT%H%M%SZ}-generation.md"
+    out = args.out or RESULTS / f"{datetime.now(UTC):%Y-%m-%dT%H%M%SZ}-generation.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)
     log(f"wrote {out}")
