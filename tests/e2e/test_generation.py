@@ -106,7 +106,7 @@ def test_curl_streams_events_through_nginx(stack: tuple[Server, Edge]) -> None:
     body = json.dumps({"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0})
     out = edge.curl(
         "/generate", "-N", "-H", "Content-Type: application/json", "-H",
-        "Accept: text/event-stream", "-d", body, "-D", "-",
+        "Accept: text/event-stream", "-H", "Accept-Encoding: gzip", "-d", body, "-D", "-",
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     head, _, events = out.stdout.partition("\n\n")  # text mode: \r\n read as \n
