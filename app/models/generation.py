@@ -26,6 +26,7 @@ held back) and checked for stop sequences (text that may start one is held back 
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 import time
@@ -319,6 +320,29 @@ class ChatTemplate:
             raise InvalidInput(f"the chat template could not render the messages: {exc}") from None
 
 
+class LazyZeros:
+    """A float32 array of zeros whose memory is taken page by page as it is written.
+
+    ``np.zeros`` asks the kernel for huge pages on large arrays, so writing one cache position
+    would make 2 MiB resident: every slot's whole cache after a few steps. Small pages keep a
+    worker's memory in proportion to the positions its sequences reach.
+    """
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        count = int(np.prod(shape))
+        self._area = mmap.mmap(-1, max(count * 4, 1))
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux
+            self._area.madvise(mmap.MADV_NOHUGEPAGE)
+        self.array = np.frombuffer(self._area, np.float32, count=count).reshape(shape)
+
+    def forget(self) -> None:
+        """Give the memory back: every value reads zero again, no page stays resident."""
+        if hasattr(mmap, "MADV_DONTNEED"):
+            self._area.madvise(mmap.MADV_DONTNEED)
+        else:
+            self.array.fill(0)
+
+
 class _Decoder:
     """The session with its key/value cache: prefill one sequence, or step several.
 
@@ -347,12 +371,10 @@ class _Decoder:
             raise RepositoryError(f"{model.label}: its caches need fixed heads and head size")
         logits = next(o for o in session.get_outputs() if o.name == "logits")
         self.vocab = int(logits.shape[-1])
-        slots, context = options.max_sequences, options.max_context
-        # np.zeros maps fresh pages: only the positions sequences reach take memory.
-        self._arrays = {
-            name: np.zeros((slots, heads, context, head_dim), np.float32) for name in self._caches
-        }
-        self._logits = np.zeros((slots, self.vocab), np.float32)
+        shape = (options.max_sequences, heads, options.max_context, head_dim)
+        self._memory = [LazyZeros(shape) for _ in self._caches]
+        self._arrays = {name: m.array for name, m in zip(self._caches, self._memory, strict=True)}
+        self._logits = np.zeros((options.max_sequences, self.vocab), np.float32)
         self._bound: dict[tuple[str, int], Any] = {}
 
     def _binding(self, kind: str, index: int) -> Any:
@@ -371,6 +393,11 @@ class _Decoder:
             binding.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
             self._bound[(kind, index)] = binding
         return binding
+
+    def forget(self) -> None:
+        """Empty every slot's cache and give its memory back (no sequence may be running)."""
+        for memory in self._memory:
+            memory.forget()
 
     def prefill(self, slot: int, tokens: Sequence[int]) -> np.ndarray:
         """Run a whole prompt into slot ``slot``'s cache; the logits of its last token."""
@@ -471,6 +498,8 @@ class Generator(Vocabulary):
             for size in range(1, self.options.max_sequences + 1):
                 decoder.step(np.zeros(size, np.int64), np.full(size, 2))
             decoder.step(np.zeros(1, np.int64), np.array([context - 1]))
+            # That step read slot 0's whole cache, which made it resident.
+            decoder.forget()
         except Exception as exc:  # onnxruntime raises several unrelated types
             raise RepositoryError(
                 f"{self.model.label}: it cannot decode with max_context = {context} and "
