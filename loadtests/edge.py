@@ -22,6 +22,7 @@ from loadtests.templates import render
 ROOT = Path(__file__).resolve().parents[1]
 
 SITE_TEMPLATE = ROOT / "nginx" / "onnx-appliance.conf.j2"
+LB_TEMPLATE = ROOT / "nginx" / "onnx-appliance-lb.conf.j2"
 SERVER_NAME = "appliance.test"
 
 
@@ -185,7 +186,60 @@ def run_edge(tmp: Path, socket_path: str, **overrides: Any) -> Iterator[Edge]:
         "nginx_site_access_log": prefix / "access.log",
         **overrides,
     }
-    (prefix / "site.conf").write_text(render_site(**variables))
+    with _nginx(prefix, render_site(**variables), http_port, https_port, tls["ca"], name) as edge:
+        yield edge
+
+
+@contextlib.contextmanager
+def run_lb(tmp: Path, upstream: Edge, **overrides: Any) -> Iterator[Edge]:
+    """Render the load balancer template in front of ``upstream`` (one appliance, reached over
+    TLS and verified with its CA) and run it under ``tmp``."""
+    prefix = tmp / "nginx-lb"
+    prefix.mkdir()
+    name = overrides.get("nginx_lb_server_name", upstream.name)
+    tls = lab_tls(prefix, name)
+    http_port, https_port = free_port(), free_port()
+    variables = {
+        "nginx_lb_server_name": name,
+        "nginx_lb_http_port": http_port,
+        "nginx_lb_https_port": https_port,
+        "nginx_lb_ipv6": False,
+        "nginx_lb_tls_certificate": tls["cert"],
+        "nginx_lb_tls_certificate_key": tls["key"],
+        "nginx_lb_hsts_max_age": 63072000,
+        "nginx_lb_client_max_body_size": "8m",
+        "nginx_lb_client_timeout": 10,
+        "nginx_lb_keepalive_timeout": 30,
+        "nginx_lb_rate_limit": 1000,
+        "nginx_lb_rate_burst": 2000,
+        "nginx_lb_conn_limit": 200,
+        "nginx_lb_upstreams": [{"name": "appliance-1", "address": "127.0.0.1"}],
+        "nginx_lb_upstream_port": upstream.https_port,
+        "nginx_lb_upstream_server_name": upstream.name,
+        "nginx_lb_upstream_verify": True,
+        "nginx_lb_upstream_ca": upstream.ca,
+        "nginx_lb_max_fails": 1,
+        "nginx_lb_fail_timeout": 10,
+        "nginx_lb_connect_timeout": 2,
+        "nginx_lb_upstream_timeout": 60,
+        "nginx_lb_stream_timeout": 600,
+        "nginx_lb_upstream_keepalive": 16,
+        "nginx_lb_drained": [],
+        "nginx_lb_access_log": prefix / "access.log",
+        **overrides,
+    }
+    with _nginx(
+        prefix, render(LB_TEMPLATE, **variables), http_port, https_port, tls["ca"], name
+    ) as lb:
+        yield lb
+
+
+@contextlib.contextmanager
+def _nginx(
+    prefix: Path, site: str, http_port: int, https_port: int, ca: Path, name: str
+) -> Iterator[Edge]:
+    """Run nginx in the foreground with ``site`` under ``prefix``, until it answers."""
+    (prefix / "site.conf").write_text(site)
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / sub).mkdir()
     (prefix / "nginx.conf").write_text(
@@ -211,7 +265,7 @@ def run_edge(tmp: Path, socket_path: str, **overrides: Any) -> Iterator[Edge]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    edge = Edge(process, prefix, http_port, https_port, tls["ca"], name)
+    edge = Edge(process, prefix, http_port, https_port, ca, name)
     try:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

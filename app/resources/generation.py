@@ -10,6 +10,8 @@ that the client leaves (a failed write, a closed socket) cancels its generation 
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -254,8 +256,7 @@ class WebSocketResource(_GenerationResource):
         except simple_websocket.ConnectionClosed:
             pass
         finally:
-            if ws.connected:
-                ws.close()
+            _hang_up(ws)
 
     def _serve(self, req: falcon.Request, ws: simple_websocket.Server, message: Any) -> None:
         generation = None
@@ -275,6 +276,20 @@ class WebSocketResource(_GenerationResource):
         finally:
             if generation is not None:
                 generation.cancel()
+
+
+def _hang_up(ws: simple_websocket.Server) -> None:
+    """Close the WebSocket and wait for its reader thread before the socket is closed.
+
+    The server closes the descriptor once this returns; a reader still about to read from it
+    could otherwise read from whatever connection gets the same number next (with real
+    threads; gevent's sockets cancel their waiters). The shutdown ends a read under way.
+    """
+    if ws.connected:
+        ws.close()
+    with contextlib.suppress(OSError):
+        ws.sock.shutdown(socket.SHUT_RDWR)
+    ws.thread.join(timeout=5)
 
 
 def _ws_json(doc: Any) -> str:

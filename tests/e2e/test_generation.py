@@ -1,6 +1,7 @@
-"""Generation on the real server (gunicorn's gevent worker) behind NGINX with TLS: the official
-``openai`` client, curl, a WebSocket client, event streams that arrive token by token,
-clients that leave mid-stream, overload, deadlines, and probes answered meanwhile."""
+"""Generation on the real server (gunicorn's gevent worker) behind NGINX with TLS, and behind
+the load balancer template in front of that: the official ``openai`` client, curl, a WebSocket
+client, event streams that arrive token by token, clients that leave mid-stream, overload,
+deadlines, and probes answered meanwhile."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import requests
 import simple_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from loadtests.edge import Edge, run_edge
+from loadtests.edge import Edge, run_edge, run_lb
 from tests.e2e.conftest import Server, run_server
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -42,6 +43,22 @@ def stack(
         run_edge(tmp, app.socket_path, nginx_site_server_name="localhost") as edge,
     ):
         yield app, edge
+
+
+@pytest.fixture(scope="module")
+def lb(tmp_path_factory: pytest.TempPathFactory, stack: tuple[Server, Edge]) -> Iterator[Edge]:
+    """The load balancer template in front of the stack's NGINX (TLS both ways)."""
+    with run_lb(tmp_path_factory.mktemp("generation-lb"), stack[1]) as balancer:
+        yield balancer
+
+
+@pytest.fixture(params=["site", "load balancer"])
+def front(request: pytest.FixtureRequest, stack: tuple[Server, Edge]) -> Edge:
+    """The NGINX a client talks to: the appliance's own site, or the load balancer before it."""
+    if request.param == "site":
+        return stack[1]
+    edge: Edge = request.getfixturevalue("lb")
+    return edge
 
 
 def _openai(base_url: str, ca: Path | None = None) -> openai.OpenAI:
@@ -67,8 +84,8 @@ def _stream(url: str, body: dict[str, Any], **extra: Any) -> requests.Response:
     return resp
 
 
-def test_the_openai_client_through_nginx_with_tls(stack: tuple[Server, Edge]) -> None:
-    _, edge = stack
+def test_the_openai_client_through_nginx_with_tls(front: Edge) -> None:
+    edge = front
     client = _openai(f"https://localhost:{edge.https_port}/v1", edge.ca)
     chat = client.chat.completions.create(model="smollm2", messages=CHAT, temperature=0)  # type: ignore[arg-type]
     answer = chat.choices[0].message.content or ""
@@ -101,8 +118,8 @@ def test_the_openai_client_through_nginx_with_tls(stack: tuple[Server, Edge]) ->
         client.completions.create(model="smollm2", prompt="x", max_tokens=100_000)
 
 
-def test_curl_streams_events_through_nginx(stack: tuple[Server, Edge]) -> None:
-    _, edge = stack
+def test_curl_streams_events_through_nginx(front: Edge) -> None:
+    edge = front
     body = json.dumps({"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0})
     out = edge.curl(
         "/generate", "-N", "-H", "Content-Type: application/json", "-H",
@@ -117,8 +134,8 @@ def test_curl_streams_events_through_nginx(stack: tuple[Server, Edge]) -> None:
     assert json.loads(done)["text"].startswith(" Paris")
 
 
-def test_tokens_arrive_one_by_one_through_nginx(stack: tuple[Server, Edge]) -> None:
-    _, edge = stack
+def test_tokens_arrive_one_by_one_through_nginx(front: Edge) -> None:
+    edge = front
     resp = _stream(
         edge.url("/generate"),
         {"prompt": "Once upon a time", "max_tokens": 80, "temperature": 0},
@@ -138,8 +155,8 @@ def test_tokens_arrive_one_by_one_through_nginx(stack: tuple[Server, Edge]) -> N
     assert arrivals[40][1] - arrivals[0][1] > span / 4
 
 
-def test_a_websocket_client_through_nginx(stack: tuple[Server, Edge]) -> None:
-    _, edge = stack
+def test_a_websocket_client_through_nginx(front: Edge) -> None:
+    edge = front
     context = ssl.create_default_context(cafile=edge.ca)
     ws = simple_websocket.Client.connect(
         f"wss://localhost:{edge.https_port}/ws", ssl_context=context
@@ -159,7 +176,21 @@ def test_a_websocket_client_through_nginx(stack: tuple[Server, Edge]) -> None:
         assert json.loads(ws.receive(timeout=30))["event"] == "token"
         assert json.loads(ws.receive(timeout=30))["event"] == "done"
     finally:
-        ws.close()
+        _close(ws)
+
+
+def _close(ws: simple_websocket.Client) -> None:
+    """Close as the protocol says, then wait for the client's reader thread to end.
+
+    ``Client.close`` closes the socket while that thread may be about to read from its
+    descriptor; the next connection this process opens can get the same number, and the
+    thread then takes that connection's first bytes (seen as torn /metrics answers and failed
+    TLS handshakes in the tests after this one). The server answers a close and hangs up, so
+    the thread ends on its own.
+    """
+    simple_websocket.ws.Base.close(ws)
+    ws.thread.join(timeout=10)
+    ws.sock.close()
 
 
 def _wait_idle(app: Server) -> float:
