@@ -14,7 +14,7 @@ from app.errors import code_for_http_status
 from app.middleware import REQUEST_ID_HEADER, request_id_from
 from app.models.runner import Runner
 from app.protocols import schema
-from app.server.compat import write_raw
+from app.server.compat import coalesce_writes, write_raw
 
 log = structlog.get_logger(__name__)
 
@@ -53,9 +53,16 @@ class ApplianceWorker:
     - :meth:`handle_error`: gunicorn's own refusals answered as
       ``{"error", "error_code", "request_id"}`` JSON instead of gunicorn's HTML page; the
       status follows gunicorn's, and the connection is closed afterwards, as gunicorn does.
+    - Responses whose headers go out in one write with their first body bytes
+      (:class:`~app.server.compat.CoalescingResponse`).
     """
 
     runner: type[Runner] = Runner
+
+    def init_process(self) -> None:
+        """gunicorn's, with responses written whole (in the worker, after fork)."""
+        coalesce_writes()
+        super().init_process()  # type: ignore[misc]
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         """Log the refusal as one JSON line and answer it with the JSON error body."""

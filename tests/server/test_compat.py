@@ -21,6 +21,8 @@ from gunicorn import sock, systemd, util
 from gunicorn.arbiter import Arbiter
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
+from gunicorn.http import wsgi
+from gunicorn.http.parser import RequestParser
 from gunicorn.http.wsgi import Response
 from gunicorn.workers import base, base_async, ggevent
 
@@ -35,6 +37,13 @@ FINGERPRINTS: dict[Callable[..., Any], str] = {
     base.Worker.handle_error: "75426448389bbac9",  # ApplianceWorker.handle_error replaces it
     base_async.AsyncWorker.handle_request: "913e17a9542aa70d",  # the fair wait wraps it
     base_async.AsyncWorker.handle: "6eb3b127e6ba7e84",  # its keep-alive wait is ours
+    # CoalescingResponse overrides these; create() must look the class up per request.
+    Response.send_headers: "7aff3b7d004fc17b",
+    Response.write: "a13659ff072c00e1",
+    Response._emit_body: "df723e865a1e5adc",
+    Response.write_file: "dbbc6333931219cc",
+    Response.close: "1e78fc7777ff09ae",
+    wsgi.create: "2c35d4a2dc629ede",
 }
 
 
@@ -88,3 +97,59 @@ def test_error_writer_and_handler_signature() -> None:
     theirs = inspect.signature(base.Worker.handle_error).parameters
     assert list(ours) == list(theirs)
     assert GeventWorker.__mro__.index(ApplianceWorker) < GeventWorker.__mro__.index(base.Worker)
+
+
+class _CountingSocket(socket.socket):
+    """A real socket that counts its writes."""
+
+    writes = 0
+
+    def sendall(self, data: Any, *args: Any) -> None:
+        self.writes += 1
+        super().sendall(data, *args)
+
+
+def _answer(
+    monkeypatch: pytest.MonkeyPatch, request: bytes, body: list[bytes]
+) -> tuple[int, bytes]:
+    """Serve ``request`` with gunicorn's parser and response over a socket pair, the way a
+    worker does after ``coalesce_writes``; the number of writes and what the client got."""
+    monkeypatch.setattr(wsgi, "Response", wsgi.Response)  # restored after the test
+    compat.coalesce_writes()
+    left, right = socket.socketpair()
+    server = _CountingSocket(fileno=right.detach())
+    with left, server:
+        left.sendall(request)
+        cfg = Config()
+        req = next(iter(RequestParser(cfg, server, ("127.0.0.1", 1))))
+        resp, _ = wsgi.create(req, server, ("127.0.0.1", 1), ("127.0.0.1", 80), cfg)
+        assert isinstance(resp, compat.CoalescingResponse)
+        length = [("Content-Length", str(sum(map(len, body))))] if len(body) == 1 else []
+        resp.start_response("200 OK", [("Content-Type", "text/plain"), *length])
+        for piece in body:
+            resp.write(piece)
+        resp.close()
+        server.shutdown(socket.SHUT_WR)
+        received = b""
+        while chunk := left.recv(65536):
+            received += chunk
+        return server.writes, received
+
+
+def test_headers_go_out_with_the_first_body_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    get = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+    writes, received = _answer(monkeypatch, get, [b"hello"])
+    assert writes == 1
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Length: 5" in head
+    assert body == b"hello"
+    # Streamed (chunked): the first chunk rides with the headers, the others follow.
+    writes, received = _answer(monkeypatch, get, [b"ab", b"cde"])
+    assert writes == 3  # headers + first chunk, second chunk, the last (empty) chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    assert body == b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n"
+    # No body at all (HEAD): the headers still go out, once.
+    writes, received = _answer(monkeypatch, b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n", [b""])
+    assert writes == 1
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"\r\n\r\n")
