@@ -9,6 +9,7 @@ message is one line naming the key.
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import os
 import re
@@ -95,6 +96,9 @@ class ServerSettings(_Section):
             reads it.
         reload_timeout: Seconds new workers get to load and warm up on a reload before the
             reload is abandoned and the old workers keep serving.
+        http_parser: How requests are parsed: ``fast`` (gunicorn_h1c, in C), ``python``
+            (gunicorn's own), or ``auto`` (fast when gunicorn_h1c is installed, as it is
+            with the appliance).
     """
 
     bind: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8000"])
@@ -118,6 +122,7 @@ class ServerSettings(_Section):
     runtime_dir: str = ""
     pidfile: str = ""
     reload_timeout: int = 120
+    http_parser: Literal["auto", "fast", "python"] = "auto"
 
 
 class ModelsSettings(_Section):
@@ -324,11 +329,23 @@ def _check(settings: Settings, check_repository: bool) -> None:
             raise SettingsError(
                 f"cors.allow_origins entry {origin!r} is invalid: use scheme://host[:port]"
             )
+    if s.http_parser == "fast" and not _installed("gunicorn_h1c"):
+        raise SettingsError(
+            'server.http_parser = "fast" needs gunicorn_h1c, which is not installed'
+        )
     if not 0 <= s.socket_mode <= 0o777:
         raise SettingsError(f"server.socket_mode = {s.socket_mode:o} is not a file mode")
     repo = Path(settings.models.repository)
     if check_repository and not repo.is_dir():
         raise SettingsError(f"models.repository {repo} does not exist or is not a directory")
+
+
+def _installed(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def _check_bind(address: str, allow_non_loopback: bool) -> None:

@@ -210,6 +210,7 @@ CONFIGS = [
     Config("appliance"),
     Config("appliance-batched"),
     Config("appliance-gthread"),
+    Config("appliance-pyparser"),
     Config("appliance-nginx"),
     Config("appliance-baseline"),
 ]
@@ -470,6 +471,8 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
         ]
         if config.name == "appliance-gthread":
             cmd += ["--worker-class", "gthread"]
+        if config.name == "appliance-pyparser":  # gunicorn's Python request parser
+            env["ONNX_APPLIANCE_SERVER__HTTP_PARSER"] = "python"
         cwd = ROOT
         if config.name == "appliance-baseline":
             # The same command with the baseline's package first on the path.

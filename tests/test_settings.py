@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,7 @@ def test_intra_op_threads_default_is_cores_over_workers(tmp_path: Path) -> None:
         ('[server]\nworkers = "two"\n', {}, "server.workers"),
         ("[server]\nworkers = -1\n", {}, "server.workers"),
         ('[server]\nworker_class = "eventlet"\n', {}, "worker_class"),
+        ('[server]\nhttp_parser = "c"\n', {}, "http_parser"),
         ("[server]\nworker_connections = 0\n", {}, "server.worker_connections"),
         ("[server]\ninline_run_us = -1\n", {}, "server.inline_run_us"),
         ('[server]\nbind = ["0.0.0.0"]\n', {}, "server.bind"),
@@ -96,6 +98,16 @@ def test_bad_settings_give_one_line(
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_the_fast_parser_is_there_and_asking_for_it_without_it_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, f'[models]\nrepository = "{tmp_path}"\n[server]\nhttp_parser = "fast"\n')
+    assert load_settings(path, env={}).server.http_parser == "fast"
+    monkeypatch.setitem(sys.modules, "gunicorn_h1c", None)  # as if it were not installed
+    with pytest.raises(SettingsError, match=r'http_parser = "fast" needs gunicorn_h1c'):
+        load_settings(path, env={})
 
 
 def test_missing_model_directory(tmp_path: Path) -> None:

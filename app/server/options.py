@@ -57,6 +57,7 @@ def gunicorn_options(settings: Settings, repository: Repository) -> dict[str, An
         "graceful_timeout": s.graceful_timeout,
         "keepalive": s.keepalive,
         "backlog": s.backlog,
+        "http_parser": s.http_parser,
         "max_requests": s.max_requests,
         "max_requests_jitter": s.max_requests_jitter,
         "preload_app": False,

@@ -35,8 +35,15 @@ _SERVER_FAULTS = (
 )
 
 
+# gunicorn_h1c before 0.6.12 reports an unknown transfer coding as a bad header; gunicorn's
+# Python parser answers it 501 (RFC 9112 6.1), and so does the appliance with either parser.
+_H1C_UNSUPPORTED_CODING = "Unsupported Transfer-Encoding"
+
+
 def error_status(exc: BaseException) -> tuple[int, str]:
     """The status and reason for an error gunicorn met before or around the application."""
+    if isinstance(exc, http_errors.InvalidHeader) and _H1C_UNSUPPORTED_CODING in str(exc):
+        return 501, "Not Implemented"
     if isinstance(exc, http_errors.ParseException) and not isinstance(exc, _SERVER_FAULTS):
         for kind, status, reason in _PARSE_STATUS:
             if isinstance(exc, kind):

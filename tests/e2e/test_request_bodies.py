@@ -235,3 +235,67 @@ def test_gunicorns_own_errors_are_json_with_a_request_id(
 
     wait_until(refusals, "the refusal's log line")
     assert refusals() == [("bad_request", status)]
+
+
+@pytest.fixture(scope="module")
+def parsers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
+    """The same server with gunicorn's C request parser (gunicorn_h1c) and its Python one."""
+    with (
+        run_server(tmp_path_factory.mktemp("parser-fast"), workers=1,
+                   server_conf='http_parser = "fast"') as fast,
+        run_server(tmp_path_factory.mktemp("parser-python"), workers=1,
+                   server_conf='http_parser = "python"') as python,
+    ):  # fmt: skip
+        yield {"fast": fast, "python": python}
+
+
+def answer(server: Server, data: bytes) -> tuple[int | None, str | None, bool]:
+    """Status, error code and whether the connection closed; (None, None, True) for a close
+    without any answer."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(data)
+        try:
+            reply = read_reply(sock)
+        except AssertionError as exc:
+            assert "closed before a reply" in str(exc), exc
+            return None, None, True
+    code = reply.json().get("error_code") if reply.status >= 400 else None
+    return reply.status, code, reply.closed
+
+
+HOSTILE = {
+    "two different Content-Length": post("Content-Length: 5\r\nContent-Length: 6\r\n", BODY),
+    "two equal Content-Length": post("Content-Length: 2\r\nContent-Length: 2\r\n", b"{}"),
+    "Content-Length with a sign": post("Content-Length: +2\r\n", b"{}"),
+    "Content-Length and Transfer-Encoding": post(
+        "Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n"
+    ),
+    "chunked twice": post("Transfer-Encoding: chunked, chunked\r\n", b"0\r\n\r\n"),
+    "an unknown transfer coding": post("Transfer-Encoding: zstd\r\n", b"0\r\n\r\n"),
+    "a bad chunk size": post("Transfer-Encoding: chunked\r\n", b"zz\r\n{}\r\n0\r\n\r\n"),
+    "obsolete line folding": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+    "a space before the colon": b"GET /healthz HTTP/1.1\r\nHost : x\r\n\r\n",
+    "a NUL in a header value": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "bare LF line ends": b"GET /healthz HTTP/1.1\nHost: x\n\n",
+    "an over-long request line": b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "an over-long header": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 9000 + b"\r\n\r\n",
+    "too many headers": b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    + b"".join(b"X-%d: y\r\n" % i for i in range(120))
+    + b"\r\n",
+    "an unknown HTTP version": b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n",
+    "a lower-case method": b"get /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_both_parsers_give_hostile_requests_the_same_safe_answer(
+    parsers: dict[str, Server], name: str
+) -> None:
+    fast, python = (answer(parsers[p], HOSTILE[name]) for p in ("fast", "python"))
+    assert fast == python, f"fast {fast}, python {python}"
+    status, _, closed = fast
+    assert status in (400, 414, 431, 501), fast  # refused, and never a 500
+    assert closed  # nothing after a refused request is read as a next request
+    for server in parsers.values():  # and the worker still serves
+        ok = post(f"Content-Length: {len(BODY)}\r\nConnection: close\r\n", BODY)
+        assert answer(server, ok) == (200, None, True)

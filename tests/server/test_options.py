@@ -47,3 +47,10 @@ def test_options_carry_the_hooks_and_a_logger_bound_to_the_format() -> None:
     assert options["logger_class"].log_format == "console"
     json_options = gunicorn_options(make_settings(DEMO_MODELS), build_repository(settings))
     assert json_options["logger_class"].log_format == "json"
+
+
+def test_the_request_parser_setting_reaches_gunicorn() -> None:
+    settings = make_settings(DEMO_MODELS)
+    assert gunicorn_options(settings, build_repository(settings))["http_parser"] == "auto"
+    python = make_settings(DEMO_MODELS, server={"http_parser": "python"})
+    assert gunicorn_options(python, build_repository(python))["http_parser"] == "python"

@@ -28,6 +28,7 @@ def test_each_worker_class_asks_for_its_runner() -> None:
         (http_errors.LimitRequestHeaders("too many"), 431),
         (http_errors.UnsupportedTransferCoding("gzip"), 501),
         (http_errors.InvalidHeader("CONTENT-LENGTH"), 400),
+        (http_errors.InvalidHeader("Unsupported Transfer-Encoding"), 501),  # gunicorn_h1c's
         (http_errors.InvalidResponseHeader("x"), 500),
         (ValueError("app bug"), 500),
     ],
