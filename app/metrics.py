@@ -151,6 +151,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.cache_lookups = Counter(
+            f"{PREFIX}_cache_lookups",
+            "Response cache lookups of models that cache, by model, version and result "
+            "(hit or miss).",
+            ["model", "version", "result"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
             "Requests being handled right now.",
@@ -213,6 +220,10 @@ class Metrics:
     def active_sequences(self, model: str, version: str, count: int) -> None:
         """Set how many sequences this worker is generating."""
         self.active_sequences_gauge.labels(model, version).set(count)
+
+    def cache_lookup(self, model: str, version: str, hit: bool) -> None:
+        """Count a response cache hit or miss."""
+        self.cache_lookups.labels(model, version, "hit" if hit else "miss").inc()
 
     def inference(self, model: str, version: str, seconds: float) -> None:
         """Record one session run (the serving layer's inference observer)."""

@@ -209,6 +209,7 @@ CONFIGS = [
     Config("infinity", models={"minilm"}, peer="infinity", envelope="openai"),
     Config("appliance"),
     Config("appliance-batched"),
+    Config("appliance-cached", models=TENSOR_MODELS),
     Config("appliance-gthread"),
     Config("appliance-pyparser"),
     Config("appliance-nginx"),
@@ -301,7 +302,13 @@ def prepare_models(workdir: Path) -> dict[str, Path]:
             "[batching]\nmax_batch_size = 32\nmax_queue_delay_us = 1000\n"
             "preferred_batch_sizes = [8, 16, 32]\n"
         )
-    return {"plain": plain, "batched": batched, "checkpoint": checkpoint}
+    # The response cache on: wrk sends one body over and over, so nearly every answer is a
+    # hit (the repeated-input workload).
+    cached = workdir / "models-cached"
+    for name in ("mlp", "tabular", "sentiment"):
+        shutil.copytree(plain / name, cached / name)
+        (cached / name / "model.toml").write_text("[cache]\nmax_entries = 1024\n")
+    return {"plain": plain, "batched": batched, "cached": cached, "checkpoint": checkpoint}
 
 
 def mlserver_repository(workdir: Path) -> Path:
@@ -456,33 +463,7 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
             str(port),
         ]
     else:
-        repo = repos["batched" if config.name == "appliance-batched" else "plain"]
-        cmd = [
-            str(ours / "onnx-appliance"),
-            "serve",
-            "--model-dir",
-            str(repo),
-            "--workers",
-            str(WORKERS),
-            "--bind",
-            f"unix:{workdir / 'app.sock'}"
-            if config.name == "appliance-nginx"
-            else f"127.0.0.1:{port}",
-        ]
-        if config.name == "appliance-gthread":
-            cmd += ["--worker-class", "gthread"]
-        if config.name == "appliance-pyparser":  # gunicorn's Python request parser
-            env["ONNX_APPLIANCE_SERVER__HTTP_PARSER"] = "python"
-        cwd = ROOT
-        if config.name == "appliance-baseline":
-            # The same command with the baseline's package first on the path.
-            cwd = baseline_tree()
-            env["PYTHONPATH"] = str(cwd)
-            cmd[0:1] = [
-                str(ours / "python"),
-                "-c",
-                "import sys; from app.cli import main; sys.exit(main())",
-            ]
+        cmd, cwd = _appliance_command(config, repos, workdir, port, env)
     log_file = workdir / f"{config.name}.log"
     with log_file.open("ab") as out:
         started = time.monotonic()
@@ -511,6 +492,42 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
         running.edge, running.scheme, running.host = stack, "https", "localhost"
         running.port = edge.https_port
     return running
+
+
+def _appliance_command(
+    config: Config, repos: dict[str, Path], workdir: Path, port: int, env: dict[str, str]
+) -> tuple[list[str], Path]:
+    """The command line (and working directory) of an appliance configuration; sets what it
+    needs in ``env``."""
+    ours = ROOT / ".venv" / "bin"
+    repo = repos[
+        {"appliance-batched": "batched", "appliance-cached": "cached"}.get(config.name, "plain")
+    ]
+    cmd = [
+        str(ours / "onnx-appliance"),
+        "serve",
+        "--model-dir",
+        str(repo),
+        "--workers",
+        str(WORKERS),
+        "--bind",
+        f"unix:{workdir / 'app.sock'}" if config.name == "appliance-nginx" else f"127.0.0.1:{port}",
+    ]
+    if config.name == "appliance-gthread":
+        cmd += ["--worker-class", "gthread"]
+    if config.name == "appliance-pyparser":  # gunicorn's Python request parser
+        env["ONNX_APPLIANCE_SERVER__HTTP_PARSER"] = "python"
+    cwd = ROOT
+    if config.name == "appliance-baseline":
+        # The same command with the baseline's package first on the path.
+        cwd = baseline_tree()
+        env["PYTHONPATH"] = str(cwd)
+        cmd[0:1] = [
+            str(ours / "python"),
+            "-c",
+            "import sys; from app.cli import main; sys.exit(main())",
+        ]
+    return cmd, cwd
 
 
 # The lab certificate of the NGINX configuration is self-made: loopback only, not verified.

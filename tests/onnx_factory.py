@@ -180,6 +180,10 @@ class Recorder:
         self.batches: list[tuple[str, int, int]] = []
         self.padded: list[int] = []
         self.tokens_seen: list[int] = []
+        self.lookups: list[bool] = []
+
+    def cache_lookup(self, model: str, version: str, hit: bool) -> None:
+        self.lookups.append(hit)
 
     def inference(self, model: str, version: str, seconds: float) -> None:
         self.runs.append((model, version))

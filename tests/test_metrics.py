@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from falcon.testing import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -71,3 +74,27 @@ def test_metrics_route_can_be_switched_off() -> None:
     settings = make_settings(DEMO_MODELS, metrics={"enabled": False})
     client = TestClient(create_app(settings, build_repository(settings)))
     assert client.simulate_get("/metrics").status_code == 404
+
+
+def test_cache_hits_and_misses_are_counted(tmp_path: Path) -> None:
+    shutil.copytree(DEMO_MODELS / "tabular", tmp_path / "tabular")
+    (tmp_path / "tabular" / "model.toml").write_text("default_version = 2\n[cache]\n")
+    settings = make_settings(tmp_path)
+    metrics = Metrics()
+    repository = build_repository(settings, metrics)
+    repository.load()
+    client = TestClient(create_app(settings, repository, metrics))
+    answers = [client.simulate_post("/v2/models/tabular/infer", json=GOOD) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200] * 3
+    assert answers[0].json["outputs"] == answers[2].json["outputs"]
+    got = samples(client.simulate_get("/metrics").text)
+
+    def lookups(result: str) -> float:
+        labels = frozenset({("model", "tabular"), ("version", "2"), ("result", result)})
+        return got[("onnx_appliance_cache_lookups_total", labels)]
+
+    assert (lookups("miss"), lookups("hit")) == (1, 2)
+    runs = ("onnx_appliance_inference_duration_seconds_count", frozenset(
+        {("model", "tabular"), ("version", "2")}
+    ))  # fmt: skip
+    assert got[runs] == 1

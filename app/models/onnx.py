@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from app.models.batching import BatchingOptions
+from app.models.cache import CacheOptions
 from app.models.errors import InvalidInput, PayloadTooLarge, RepositoryError
 from app.models.signature import ORT_TO_DATATYPE, Signature, TensorSpec, dims_from_ort
 
@@ -46,6 +47,9 @@ class InferenceObserver(Protocol):
 
     def active_sequences(self, model: str, version: str, count: int) -> None:
         """``count`` sequences are generating in this worker now."""
+
+    def cache_lookup(self, model: str, version: str, hit: bool) -> None:
+        """A request was answered from the response cache (``hit``) or had to run."""
 
 
 class ModelState(enum.StrEnum):
@@ -131,6 +135,7 @@ class RuntimeOptions:
         batching: Dynamic batching limits, or None to run each request on its own.
         text: How a text model tokenizes and pools, or None for a tensor model.
         generation: How a generation model decodes, or None.
+        cache: Bounds of the response cache, or None for no cache.
         inline_run_us: In a gevent worker, a model whose warm-up (the fastest run at each
             warm-up batch size) took at most this long runs on the worker's own thread; a
             slower one, one never warmed up, and one whose runs exceed it in CPU time
@@ -148,6 +153,7 @@ class RuntimeOptions:
     inline_run_us: int = 1000
     text: TextOptions | None = None
     generation: GenerationOptions | None = None
+    cache: CacheOptions | None = None
 
 
 class OnnxModel:

@@ -19,6 +19,7 @@ import msgspec
 import structlog
 
 from app.models.batching import BatchingOptions
+from app.models.cache import CacheOptions
 from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
 from app.models.generation import CHAT_TEMPLATE_FILE, Generator
 from app.models.onnx import (
@@ -95,6 +96,34 @@ class BatchingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             max_queue=self.max_queue,
             preferred_batch_sizes=tuple(sorted(set(self.preferred_batch_sizes))),
         )
+
+
+class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[cache]`` in ``model.toml``: answers kept per worker by exact request (off when
+    absent).
+
+    Attributes:
+        max_entries: Most answers kept per worker.
+        max_mib: Most memory they take per worker (inputs and outputs), in MiB.
+    """
+
+    max_entries: int = 1024
+    max_mib: int = 64
+
+    def options(self, model: str) -> CacheOptions:
+        """Validated runtime options.
+
+        Raises:
+            RepositoryError: a value out of range.
+        """
+        for key, value, low, high in (
+            ("max_entries", self.max_entries, 1, 10_000_000),
+            ("max_mib", self.max_mib, 1, 65_536),
+        ):
+            problem = out_of_range(key, value, low, high)
+            if problem:
+                raise RepositoryError(f"model {model!r}: {MODEL_CONFIG}: cache: {problem}")
+        return CacheOptions(max_entries=self.max_entries, max_bytes=self.max_mib * 1024 * 1024)
 
 
 class TextConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -233,6 +262,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         inline_run_us: Overrides the server-wide ``inline_run_us`` for this model (0: always
             run in a helper thread in gevent workers).
         batching: Dynamic batching (``[batching]`` table); off when absent.
+        cache: Response cache (``[cache]`` table); off when absent.
         text: The model takes text (``[text]`` table); a tensor model when absent.
         generation: The model generates text (``[generation]`` table).
         traffic: Weights by version for requests that name no version, e.g.
@@ -252,6 +282,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     inline_run_us: int | None = None
     traffic: dict[str, int] = msgspec.field(default_factory=dict)
     batching: BatchingConfig | None = None
+    cache: CacheConfig | None = None
     text: TextConfig | None = None
     generation: GenerationConfig | None = None
     labels: list[str] = msgspec.field(default_factory=list)
@@ -555,6 +586,7 @@ def _scan_model(
         max_concurrency=config.max_concurrency or options.max_concurrency,
         max_queue=options.max_queue if config.max_queue is None else config.max_queue,
         batching=config.batching.options(name) if config.batching else None,
+        cache=config.cache.options(name) if config.cache else None,
         text=config.text.options(name) if config.text else None,
         generation=config.generation.options(name) if config.generation else None,
         inline_run_us=(
@@ -601,6 +633,11 @@ def _scan_model(
                 raise RepositoryError(
                     f"model {name!r}: {MODEL_CONFIG}: a text model batches by tokens "
                     "([text] max_batch_tokens), not with [batching]"
+                )
+            if config.cache is not None:
+                raise RepositoryError(
+                    f"model {name!r}: {MODEL_CONFIG}: [cache] is for tensor models, not "
+                    "text or generation models"
                 )
         version = int(version_dir.name)
         entry.versions[version] = OnnxModel(

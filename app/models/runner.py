@@ -21,6 +21,7 @@ import numpy as np
 import structlog
 
 from app.models.batching import Batcher
+from app.models.cache import ResponseCache
 from app.models.errors import InferenceFailed, InferenceTimeout
 from app.models.onnx import OnnxModel
 from app.models.scheduling import WATCHDOG, Gate, run_in_thread
@@ -71,6 +72,7 @@ class Runner:
             if options.batching is not None
             else None
         )
+        self.cache = ResponseCache(options.cache) if options.cache is not None else None
 
     @property
     def timeout(self) -> float:
@@ -83,7 +85,8 @@ class Runner:
         outputs: Sequence[str] | None = None,
         deadline: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Validate, wait for a run slot (or a batch) and run one inference.
+        """Validate, answer from the response cache if the model has one and the request is
+        in it, else wait for a run slot (or a batch) and run one inference.
 
         Args:
             inputs: Arrays by input name.
@@ -106,6 +109,25 @@ class Runner:
         else:
             names = list(outputs)
             self.signature.check_outputs(names)
+        if self.cache is None:
+            return self._predict(inputs, names, deadline)
+        key = self.cache.key(names, inputs)
+        found = self.cache.get(key) if key is not None else None
+        if self.model.observer is not None:
+            self.model.observer.cache_lookup(
+                self.model.name, self.model.version_str, found is not None
+            )
+        if found is not None:
+            return dict(zip(names, found, strict=True))
+        answer = self._predict(inputs, names, deadline)
+        if key is not None:
+            self.cache.put(key, [answer[name] for name in names])
+        return answer
+
+    def _predict(
+        self, inputs: Mapping[str, np.ndarray], names: list[str], deadline: float | None
+    ) -> dict[str, np.ndarray]:
+        """Admission (or a batch) and the run."""
         if self.batcher is not None:
             return dict(zip(names, self.batcher.submit(inputs, names, deadline), strict=True))
         self.gate.acquire(deadline, repr(self.model.name))

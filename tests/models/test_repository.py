@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx import numpy_helper
 
 from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
 from app.models.onnx import RuntimeOptions
@@ -245,3 +246,44 @@ def test_the_worker_chooses_the_runner(tmp_path: Path) -> None:
     runner = repo.get("m")
     assert type(runner) is CooperativeRunner
     assert runner.signature is runner.model.signature
+
+
+@pytest.mark.parametrize(
+    ("toml", "fragment"),
+    [
+        ("[cache]\nmax_entries = 0\n", "max_entries"),
+        ("[cache]\nmax_mib = 100000\n", "max_mib = 100000 is invalid"),
+        ("[cache]\nttl = 5\n", "ttl"),
+    ],
+)
+def test_bad_cache_config(tmp_path: Path, toml: str, fragment: str) -> None:
+    onnx_factory.save(onnx_factory.two_inputs(), tmp_path, "m")
+    (tmp_path / "m" / "model.toml").write_text(toml)
+    with pytest.raises(RepositoryError, match=fragment):
+        scan(tmp_path)
+
+
+def test_each_version_answers_from_its_own_cache(tmp_path: Path) -> None:
+    onnx_factory.save(onnx_factory.gather_table(), tmp_path, "m", 1)
+    doubled = onnx_factory.gather_table()
+    table = doubled.graph.initializer[0]
+    table.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(table) * 2, table.name))
+    onnx_factory.save(doubled, tmp_path, "m", 2)
+    (tmp_path / "m" / "model.toml").write_text("[cache]\nmax_entries = 16\nmax_mib = 1\n")
+    repo = scan(tmp_path)
+    repo.load()
+    options = repo.get("m", "1").model.options.cache
+    assert options is not None and (options.max_entries, options.max_bytes) == (16, 1024 * 1024)
+    row = {"idx": np.array([[1]], np.int64)}
+    expected = {"1": [4.0, 5.0, 6.0, 7.0], "2": [8.0, 10.0, 12.0, 14.0]}
+    for version in ("1", "2", "1", "2"):  # the second round comes from the caches
+        assert repo.get("m", version).predict(row)["y"][0, 0].tolist() == expected[version]
+    assert repo.get("m").predict(row)["y"][0, 0].tolist() == expected["2"]  # the default
+
+
+def test_text_models_take_no_cache(tmp_path: Path) -> None:
+    onnx_factory.save(onnx_factory.two_inputs(), tmp_path, "m")
+    (tmp_path / "m" / "1" / "tokenizer.json").write_text("{}")
+    (tmp_path / "m" / "model.toml").write_text('[text]\ntask = "embedding"\n[cache]\n')
+    with pytest.raises(RepositoryError, match=r"\[cache\] is for tensor models"):
+        scan(tmp_path)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from app.models.errors import InferenceTimeout, InvalidInput, Overloaded
+from app.models.cache import CacheOptions
+from app.models.errors import InferenceFailed, InferenceTimeout, InvalidInput, Overloaded
 from app.models.onnx import OnnxModel, RuntimeOptions
 from app.models.runner import Runner
 from tests import onnx_factory
@@ -192,3 +194,40 @@ print(">", "ticked_while_running", sum(1 for t in ticks if t < started) >= 5)
         "ticked_while_running",
         "True",
     ], out
+
+
+def test_a_cached_answer_skips_the_run_and_failures_are_never_kept(tmp_path: Path) -> None:
+    path = onnx_factory.save(onnx_factory.gather_table(), tmp_path, "table")
+    recorder = onnx_factory.Recorder()
+    options = RuntimeOptions(warmup_runs=0, cache=CacheOptions(max_entries=8))
+    model = OnnxModel("table", 1, path, options, observer=recorder)
+    model.load()
+    runner = Runner(model)
+    row = {"idx": np.array([[3]], np.int64)}
+    first = runner.predict(row)["y"]
+    second = runner.predict(row)["y"]
+    assert first.tolist() == second.tolist() == [[[12.0, 13.0, 14.0, 15.0]]]
+    assert recorder.runs == [("table", "1")]  # the second came from the cache
+    assert recorder.lookups == [False, True]
+    assert runner.predict({"idx": np.array([[4]], np.int64)})["y"][0, 0, 0] == 16.0
+    assert len(recorder.runs) == 2  # another input runs
+    bad = {"idx": np.array([[11]], np.int64)}  # passes validation, fails in onnxruntime
+    for _ in range(2):
+        with pytest.raises(InferenceFailed):
+            runner.predict(bad)
+    assert runner.cache is not None and runner.cache.size[0] == 2
+    assert recorder.lookups[-2:] == [False, False]
+
+
+def test_without_a_cache_every_request_runs() -> None:
+    recorder = onnx_factory.Recorder()
+    model = OnnxModel(
+        "reg", 1, DEMO_MODELS / "regression" / "1" / "model.onnx",
+        RuntimeOptions(warmup_runs=0), observer=recorder,
+    )  # fmt: skip
+    model.load()
+    runner = Runner(model)
+    for _ in range(2):
+        runner.predict({"input": np.zeros((1, 10), np.float32)})
+    assert runner.cache is None
+    assert len(recorder.runs) == 2 and recorder.lookups == []
