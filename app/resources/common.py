@@ -15,6 +15,7 @@ from app.errors import ErrorCode
 from app.models.repository import Repository
 from app.models.runner import Predictor
 from app.models.scheduling import WATCHDOG
+from app.models.signature import Signature
 from app.protocols import schema
 from app.resources.errors import ApiError
 from app.settings import LimitsSettings
@@ -175,6 +176,30 @@ def close_connection(req: falcon.Request) -> None:
     req.env[CLOSE_CONNECTION] = True
 
 
+class RepositoryResource:
+    """A route family over the repository's models, within the request limits.
+
+    Args:
+        repository: The models.
+        limits: Body and batch limits.
+    """
+
+    def __init__(self, repository: Repository, limits: LimitsSettings) -> None:
+        self._repository = repository
+        self._limits = limits
+
+    def _json_body(self, req: falcon.Request) -> bytes:
+        """The JSON request body, within the limits."""
+        require_media_type(req, JSON_TYPES)
+        return read_body(req, self._limits)
+
+
+def label(req: falcon.Request, signature: Signature) -> None:
+    """Name the model version serving the request (for logs and metrics)."""
+    req.context.model = signature.name
+    req.context.version = signature.version
+
+
 def resolve(
     req: falcon.Request, repository: Repository, name: str, version: str | None = None
 ) -> Predictor:
@@ -183,8 +208,7 @@ def resolve(
     Requests that name no version follow the model's traffic split, sticky per request id.
     """
     runner = repository.get(name, version, routing_key=req.context.request_id)
-    req.context.model = runner.signature.name
-    req.context.version = runner.signature.version
+    label(req, runner.signature)
     return runner
 
 

@@ -23,13 +23,11 @@ import simple_websocket
 from app.errors import ErrorCode
 from app.models.errors import InvalidInput, ServingError
 from app.models.generation import Generation, Generator
-from app.models.repository import Repository
 from app.protocols import generation as protocol
 from app.protocols import schema
-from app.resources.common import HIJACKED, JSON_TYPES, deadline, read_body, require_media_type, send
+from app.resources.common import HIJACKED, RepositoryResource, deadline, label, send
 from app.resources.errors import ApiError, error_document
 from app.resources.openapi import INFERENCE_ERRORS, documented
-from app.settings import LimitsSettings
 
 _E = ErrorCode
 EVENT_STREAM = "text/event-stream"
@@ -47,21 +45,12 @@ class WsError(schema.ErrorBody, tag_field="event", tag="error"):
     """A ``/ws`` message: the request failed (the connection stays open for the next)."""
 
 
-class _GenerationResource:
+class _GenerationResource(RepositoryResource):
     """What every generation route does first: read the body, find the model, start."""
-
-    def __init__(self, repository: Repository, limits: LimitsSettings) -> None:
-        self._repository = repository
-        self._limits = limits
-
-    def _body(self, req: falcon.Request) -> bytes:
-        require_media_type(req, JSON_TYPES)
-        return read_body(req, self._limits)
 
     def _generator(self, req: falcon.Request, name: str | None) -> Generator:
         generator = self._repository.generator(name, routing_key=req.context.request_id)
-        req.context.model = generator.signature.name
-        req.context.version = generator.signature.version
+        label(req, generator.signature)
         return generator
 
     @staticmethod
@@ -106,7 +95,7 @@ class GenerateResource(_GenerationResource):
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Generate with the default (or named) generation model."""
-        call = protocol.parse_generate(self._body(req))
+        call = protocol.parse_generate(self._json_body(req))
         generator = self._generator(req, call.model)
         generation = self._start(generator, call, deadline(req, generator))
         if _wants_stream(req, call.stream):
@@ -196,7 +185,7 @@ class CompletionsResource(_OpenAIResource):
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Complete a prompt with the model named in the body."""
-        self._answer(req, resp, protocol.parse_completion(self._body(req)))
+        self._answer(req, resp, protocol.parse_completion(self._json_body(req)))
 
 
 class ChatCompletionsResource(_OpenAIResource):
@@ -216,7 +205,7 @@ class ChatCompletionsResource(_OpenAIResource):
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Answer a chat with the model named in the body."""
-        self._answer(req, resp, protocol.parse_chat(self._body(req)))
+        self._answer(req, resp, protocol.parse_chat(self._json_body(req)))
 
 
 class WebSocketResource(_GenerationResource):

@@ -17,35 +17,24 @@ from app.models.repository import Repository
 from app.models.text import Embedded, TextRunner, Vocabulary
 from app.protocols import schema
 from app.protocols import text as protocol
-from app.resources.common import JSON_TYPES, deadline, read_body, require_media_type, send
+from app.resources.common import RepositoryResource, deadline, label, send
 from app.resources.openapi import INFERENCE_ERRORS, documented
-from app.settings import LimitsSettings
 
 _E = ErrorCode
 _TEXT_ERRORS = (*INFERENCE_ERRORS, _E.PAYLOAD_TOO_LARGE)
 
 
-class _TextResource:
+class _TextResource(RepositoryResource):
     """What every text route does first: read the body, find the model, embed."""
-
-    def __init__(self, repository: Repository, limits: LimitsSettings) -> None:
-        self._repository = repository
-        self._limits = limits
-
-    def _body(self, req: falcon.Request) -> bytes:
-        require_media_type(req, JSON_TYPES)
-        return read_body(req, self._limits)
 
     def _vocabulary(self, req: falcon.Request, name: str | None) -> Vocabulary:
         vocabulary = self._repository.vocabulary(name, routing_key=req.context.request_id)
-        req.context.model = vocabulary.signature.name
-        req.context.version = vocabulary.signature.version
+        label(req, vocabulary.signature)
         return vocabulary
 
     def _runner(self, req: falcon.Request, name: str | None) -> TextRunner:
         runner = self._repository.text(name, routing_key=req.context.request_id)
-        req.context.model = runner.signature.name
-        req.context.version = runner.signature.version
+        label(req, runner.signature)
         return runner
 
     def _embed(
@@ -76,7 +65,7 @@ class OpenAIEmbeddingsResource(_TextResource):
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Embed texts or token ids with the model named in the body."""
-        call = protocol.parse_openai_embeddings(self._body(req))
+        call = protocol.parse_openai_embeddings(self._json_body(req))
         runner = self._runner(req, call.model)
         embedded = self._embed(req, runner, call)
         send(
@@ -111,7 +100,7 @@ class EmbedResource(_TextResource):
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Embed texts with the default (or named) text model."""
-        call, normalize = protocol.parse_tei_embed(self._body(req))
+        call, normalize = protocol.parse_tei_embed(self._json_body(req))
         embedded = self._embed(req, self._runner(req, call.model), call)
         vectors = embedded.vectors
         if normalize:
@@ -124,7 +113,7 @@ class TextsEmbeddingResource(_TextResource):
     """``POST /embeddings`` (texts in ``input``) and ``POST /batch_embed`` (in ``texts``)."""
 
     def _answer(self, req: falcon.Request, resp: falcon.Response, field: str) -> None:
-        call = protocol.parse_texts(self._body(req), field)
+        call = protocol.parse_texts(self._json_body(req), field)
         runner = self._runner(req, call.model)
         embedded = self._embed(req, runner, call)
         send(
@@ -168,7 +157,7 @@ class TokenizeResource(_TextResource):
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Tokenize with the default (or named) text or generation model's tokenizer."""
-        call = protocol.parse_tokenize(self._body(req))
+        call = protocol.parse_tokenize(self._json_body(req))
         runner = self._vocabulary(req, call.model)
         encodings = runner.tokenize(call.texts, call.add_special_tokens)
         send(resp, protocol.encode_tokenize(call, encodings, runner.special_ids))
@@ -185,7 +174,7 @@ class DetokenizeResource(_TextResource):
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Decode with the default (or named) text or generation model's tokenizer."""
-        call = protocol.parse_detokenize(self._body(req))
+        call = protocol.parse_detokenize(self._json_body(req))
         runner = self._vocabulary(req, call.model)
         texts = [runner.decode(seq, call.skip_special_tokens) for seq in call.sequences]
         send(resp, protocol.encode_detokenize(call, texts))

@@ -10,6 +10,7 @@ from app.models.repository import Repository
 from app.protocols import schema, v1
 from app.resources.common import (
     JSON_TYPES,
+    RepositoryResource,
     deadline,
     read_body,
     require_media_type,
@@ -17,12 +18,11 @@ from app.resources.common import (
     send,
 )
 from app.resources.openapi import INFERENCE_ERRORS, documented
-from app.settings import LimitsSettings
 
 _E = ErrorCode
 
 
-class PredictResource:
+class PredictResource(RepositoryResource):
     """Predictions for a named model or the default one, in the three body forms of
     :mod:`app.protocols.v1` (rows, columns, one row keyed by input names).
 
@@ -30,10 +30,6 @@ class PredictResource:
         repository: The models.
         limits: Body and batch limits.
     """
-
-    def __init__(self, repository: Repository, limits: LimitsSettings) -> None:
-        self._repository = repository
-        self._limits = limits
 
     @documented(
         "Predict: rows, columns, or one row keyed by input names",

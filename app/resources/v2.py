@@ -6,11 +6,11 @@ import falcon
 
 from app.errors import ErrorCode
 from app.models.errors import InvalidInput
-from app.models.repository import Repository
 from app.protocols import schema, v2
 from app.resources.common import (
     BINARY_TYPE,
     JSON_TYPES,
+    RepositoryResource,
     deadline,
     read_body,
     require_media_type,
@@ -18,22 +18,17 @@ from app.resources.common import (
     send,
 )
 from app.resources.openapi import INFERENCE_ERRORS, documented
-from app.settings import LimitsSettings
 
 _INFER_TYPES = JSON_TYPES | {BINARY_TYPE}
 _E = ErrorCode
 
 
-class ModelsResource:
+class ModelsResource(RepositoryResource):
     """``/v2/models/{model}[/versions/{version}]`` with the ``ready`` and ``infer`` suffixes.
 
     Routed twice, with and without a version; Falcon passes ``version`` only when it is in
     the path.
     """
-
-    def __init__(self, repository: Repository, limits: LimitsSettings) -> None:
-        self._repository = repository
-        self._limits = limits
 
     @documented(
         "Model metadata",
@@ -103,12 +98,8 @@ def _header_length(req: falcon.Request) -> int | None:
     return int(raw)
 
 
-class RepositoryIndexResource:
+class RepositoryIndexResource(RepositoryResource):
     """``POST /v2/repository/index``: every model version and its state (read-only)."""
-
-    def __init__(self, repository: Repository, limits: LimitsSettings) -> None:
-        self._repository = repository
-        self._limits = limits
 
     @documented(
         "Every model version and its state (read-only)",
@@ -117,7 +108,6 @@ class RepositoryIndexResource:
     )
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         """List the repository; ``{"ready": true}`` keeps only ready versions."""
-        require_media_type(req, JSON_TYPES)
-        only_ready = v2.parse_index_request(read_body(req, self._limits))
+        only_ready = v2.parse_index_request(self._json_body(req))
         versions = ((m.name, m.version_str, m.state) for m in self._repository.models())
         send(resp, v2.repository_index(versions, only_ready))
