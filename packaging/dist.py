@@ -27,6 +27,9 @@ PLATFORMS = [
     "linux_x86_64",
 ]
 PYTHON = "3.11"
+# Locked dependencies published without a Linux wheel: built here from their hash-checked
+# source into a wheel for this machine's kind (Debian 12, x86_64, CPython 3.11, as the VMs).
+BUILT_HERE = ("gunicorn-h1c",)
 
 
 def sha256(path: Path) -> str:
@@ -42,6 +45,42 @@ def uv() -> str:
     if not Path(found).exists():
         raise SystemExit("dist: uv is needed (make installs it)")
     return found
+
+
+def _split(requirements: str, names: tuple[str, ...]) -> tuple[str, list[str]]:
+    """The exported requirements without the blocks of ``names``, and those blocks."""
+    kept: list[str] = []
+    taken: list[str] = []
+    current = kept
+    for line in requirements.splitlines(keepends=True):
+        if line and not line[0].isspace() and not line.startswith("#"):
+            current = taken if line.split("==")[0].strip() in names else kept
+            if current is taken:
+                taken.append("")
+        if current is taken:
+            taken[-1] += line
+        else:
+            kept.append(line)
+    return "".join(kept), taken
+
+
+def _build_wheel(block: str, wheels: Path, stage: Path) -> str:
+    """Build one pinned requirement (its source archive checked against the locked hashes)
+    into ``wheels``; its requirement line pinned to the wheel's own hash."""
+    source = stage / "source-requirement.txt"
+    source.write_text(block)
+    before = set(wheels.iterdir())
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-binary", ":all:",
+         "--require-hashes", "-r", str(source), "-w", str(wheels)],
+        check=True,
+        capture_output=True,
+        timeout=1200,
+    )  # fmt: skip
+    source.unlink()
+    (wheel,) = set(wheels.iterdir()) - before
+    pin = block.split(maxsplit=1)[0]
+    return f"{pin} --hash=sha256:{sha256(wheel)}\n"
 
 
 def build(out: Path) -> Path:
@@ -78,7 +117,8 @@ def build(out: Path) -> Path:
         text=True,
         timeout=120,
     )
-    requirements.write_text(exported.stdout)
+    downloaded, built = _split(exported.stdout, BUILT_HERE)
+    requirements.write_text(downloaded)
     platform_args = [arg for p in PLATFORMS for arg in ("--platform", p)]
     if (
         subprocess.run(
@@ -116,6 +156,9 @@ def build(out: Path) -> Path:
         capture_output=True,
         timeout=1200,
     )
+    with requirements.open("a") as pins:
+        for block in built:
+            pins.write(_build_wheel(block, wheels, stage))
     shutil.copy(ROOT / "packaging" / "install.sh", stage / "install.sh")
     (stage / "install.sh").chmod(0o755)
     files = sorted(p for p in stage.rglob("*") if p.is_file())

@@ -74,6 +74,13 @@ def test_installs_offline_and_serves(artifact: Path, tmp_path: Path) -> None:
     )
     assert check.returncode == 0, check.stderr
     assert "ok: 4 model(s)" in check.stdout
+    # The C request parser, built into the artifact from its source (no Linux wheel exists).
+    assert any(name.startswith("wheels/gunicorn_h1c-") for name in manifest["files"])
+    parser = subprocess.run(
+        [str(current / "venv" / "bin" / "python"), "-c", "import gunicorn_h1c"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert parser.returncode == 0, parser.stderr
 
 
 def test_second_install_changes_nothing_and_new_versions_keep_old(
