@@ -180,7 +180,7 @@ def run_edge(tmp: Path, socket_path: str, **overrides: Any) -> Iterator[Edge]:
         "nginx_site_metrics_allow": ["127.0.0.1"],
         "nginx_site_trusted_proxies": [],
         "nginx_site_upstream_socket": socket_path,
-        "nginx_site_upstream_keepalive": 8,
+        "nginx_site_upstream_keepalive": 64,
         "nginx_site_upstream_timeout": 60,
         "nginx_site_stream_timeout": 600,
         "nginx_site_access_log": prefix / "access.log",
