@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import structlog
@@ -53,6 +53,9 @@ VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
 MAX_VERSION = 999_999_999
 MODEL_FILE = "model.onnx"
 MODEL_CONFIG = "model.toml"
+
+
+_Served = TypeVar("_Served")
 
 
 class BatchingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -482,14 +485,10 @@ class Repository:
             ModelNotFound: no such model, or it does not generate (or none is served).
             ModelNotReady: it is still loading.
         """
-        if name is None:
-            if not self.generation_names:
-                raise ModelNotFound("no text generation model is served here")
-            name = self.generation_names[0]
-        runner = self.get(name, version, routing_key)
-        if not isinstance(runner, Generator):
-            raise ModelNotFound(f"model {name!r} does not generate text")
-        return runner
+        return self._served(
+            Generator, self.generation_names, "no text generation model is served here",
+            "does not generate text", name, version, routing_key,
+        )  # fmt: skip
 
     def vocabulary(self, name: str | None = None, routing_key: str | None = None) -> Vocabulary:
         """The tokenizer of a text or generation model: the one named, or the first text
@@ -499,15 +498,10 @@ class Repository:
             ModelNotFound: no such model, or it has no tokenizer (or none is served).
             ModelNotReady: it is still loading.
         """
-        if name is None:
-            names = self.text_names or self.generation_names
-            if not names:
-                raise ModelNotFound("no text model is served here")
-            name = names[0]
-        runner = self.get(name, None, routing_key)
-        if not isinstance(runner, Vocabulary):
-            raise ModelNotFound(f"model {name!r} is not a text model")
-        return runner
+        return self._served(
+            Vocabulary, self.text_names or self.generation_names, "no text model is served here",
+            "is not a text model", name, None, routing_key,
+        )  # fmt: skip
 
     def text(
         self, name: str | None = None, version: str | None = None, routing_key: str | None = None
@@ -518,13 +512,30 @@ class Repository:
             ModelNotFound: no such model, or it is not a text model (or none is served).
             ModelNotReady: it is still loading.
         """
+        return self._served(
+            TextRunner, self.text_names, "no text model is served here", "is not a text model",
+            name, version, routing_key,
+        )  # fmt: skip
+
+    def _served(
+        self,
+        kind: type[_Served],
+        candidates: list[str],
+        none: str,
+        other: str,
+        name: str | None,
+        version: str | None,
+        routing_key: str | None,
+    ) -> _Served:
+        """The runner of model ``name`` (else of the first of ``candidates``) if it is a
+        ``kind``; ModelNotFound with ``none`` or "model ... ``other``" otherwise."""
         if name is None:
-            if not self.text_names:
-                raise ModelNotFound("no text model is served here")
-            name = self.text_names[0]
+            if not candidates:
+                raise ModelNotFound(none)
+            name = candidates[0]
         runner = self.get(name, version, routing_key)
-        if not isinstance(runner, TextRunner):
-            raise ModelNotFound(f"model {name!r} is not a text model")
+        if not isinstance(runner, kind):
+            raise ModelNotFound(f"model {name!r} {other}")
         return runner
 
     def get(
@@ -593,6 +604,22 @@ def _scan_model(
             options.inline_run_us if config.inline_run_us is None else config.inline_run_us
         ),
     )
+    if config.text is not None or config.generation is not None:
+        if config.text is not None and config.generation is not None:
+            raise RepositoryError(
+                f"model {name!r}: {MODEL_CONFIG}: a model has [text] (embeddings) or "
+                "[generation], not both"
+            )
+        if config.batching is not None:
+            raise RepositoryError(
+                f"model {name!r}: {MODEL_CONFIG}: a text model batches by tokens "
+                "([text] max_batch_tokens), not with [batching]"
+            )
+        if config.cache is not None:
+            raise RepositoryError(
+                f"model {name!r}: {MODEL_CONFIG}: [cache] is for tensor models, not "
+                "text or generation models"
+            )
     for version_dir in sorted(model_dir.iterdir()):
         if not version_dir.is_dir() or version_dir.name.startswith("."):
             continue
@@ -623,21 +650,6 @@ def _scan_model(
                 raise RepositoryError(
                     f"model {name!r} version {version_dir.name}: {CHAT_TEMPLATE_FILE} leads "
                     "outside its folder"
-                )
-            if config.text is not None and config.generation is not None:
-                raise RepositoryError(
-                    f"model {name!r}: {MODEL_CONFIG}: a model has [text] (embeddings) or "
-                    "[generation], not both"
-                )
-            if config.batching is not None:
-                raise RepositoryError(
-                    f"model {name!r}: {MODEL_CONFIG}: a text model batches by tokens "
-                    "([text] max_batch_tokens), not with [batching]"
-                )
-            if config.cache is not None:
-                raise RepositoryError(
-                    f"model {name!r}: {MODEL_CONFIG}: [cache] is for tensor models, not "
-                    "text or generation models"
                 )
         version = int(version_dir.name)
         entry.versions[version] = OnnxModel(
