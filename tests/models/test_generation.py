@@ -56,6 +56,21 @@ def test_max_tokens_ends_with_length(generator: Generator) -> None:
     assert generation.done.completion_tokens == 7
 
 
+def _alone(generator: Generator, ids: list[int], steps: int) -> list[tuple[int, np.ndarray]]:
+    """Greedy tokens of one sequence decoded alone (slot 0, batch 1, as the scheduler runs a
+    lone request), each with the logits it was picked from."""
+    decoder = generator._decoder
+    logits = decoder.prefill(0, ids).copy()
+    picked = []
+    for length in range(len(ids), len(ids) + steps):
+        token = int(np.argmax(logits))
+        picked.append((token, logits))
+        if token in generator.options.eos_token_ids:
+            break
+        logits = decoder.step(np.array([token]), np.array([length]))[0].copy()
+    return picked
+
+
 def test_concurrent_sequences_share_steps_and_get_their_own_tokens(generator: Generator) -> None:
     prompts = [
         "Once upon a time",
@@ -64,19 +79,31 @@ def test_concurrent_sequences_share_steps_and_get_their_own_tokens(generator: Ge
         "My favourite food is",
         "In 1492,",
     ]
-    alone = []
-    for prompt in prompts:
-        ids = generator.prompt(prompt)
-        alone.append(generator.generate(ids, _greedy(generator, ids, 24)).text())
+    with generator._lock:  # the scheduler is idle: slot 0 is free to decode by hand
+        assert generator.load == (0, 0)
+        alone = [_alone(generator, generator.prompt(p), 24) for p in prompts]
 
-    def run(prompt: str) -> str:
+    def run(prompt: str) -> list[int]:
         ids = generator.prompt(prompt)
-        return generator.generate(ids, _greedy(generator, ids, 24)).text()
+        generation = generator.generate(ids, _greedy(generator, ids, 24))
+        generation.text()
+        return generation.generated
 
     steps_before = generator.steps
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(run, prompts))
-    assert together == alone
+    # A batch runs each row through kernels other than a lone row's, so the sums may round
+    # differently, and the int8 quantisation of activations (accuracy_level 4) can turn that
+    # into a logit moved by up to ~1 (see tests/packaging/text/test_build_smollm.py). The
+    # batched sequence may therefore leave the lone one only at a token the lone logits
+    # nearly tie with their best; a slot reading another's cache would pick anything.
+    for prompt, tokens, expected in zip(prompts, together, alone, strict=True):
+        for token, (best, logits) in zip(tokens, expected, strict=False):
+            if token != best:
+                assert logits[token] >= logits.max() - 1.0, (prompt, token, best)
+                break
+        else:
+            assert len(tokens) == len(expected), prompt
     # Far fewer steps than tokens: the sequences ran side by side.
     assert generator.steps - steps_before < len(prompts) * 24 * 0.6
     assert generator.load == (0, 0)
