@@ -79,9 +79,22 @@ class Metrics:
         )
         self.request_duration = Histogram(
             f"{PREFIX}_request_duration_seconds",
-            "Time from request received to response ready, by route and model.",
-            ["route", "model"],
+            "Time from request received to response ready, by route, model and version.",
+            ["route", "model", "version"],
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            f"{PREFIX}_errors",
+            "Error answers by route, model, version and error code (RATE_LIMITED: a key's "
+            "limit, OVERLOADED: shed at admission, TIMEOUT: past the deadline...).",
+            ["route", "model", "version", "code"],
+            registry=r,
+        )
+        self.worker_starts = Counter(
+            f"{PREFIX}_worker_starts",
+            "Workers that loaded their models and began serving (start, reload, recycle or "
+            "replacement of one that died).",
             registry=r,
         )
         self.inference_duration = Histogram(

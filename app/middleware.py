@@ -81,6 +81,7 @@ class RequestContext:
         ctx.model = ""
         ctx.version = ""
         ctx.key_id = ""
+        ctx.error_code = ""
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
         self._metrics.in_flight.inc()
@@ -105,11 +106,13 @@ class RequestContext:
                 self._metrics.requests.labels(
                     route, method, str(status), ctx.model, ctx.version, ctx.key_id
                 ),
-                self._metrics.request_duration.labels(route, ctx.model),
+                self._metrics.request_duration.labels(route, ctx.model, ctx.version),
             )
             self._children[key] = children
         children[0].inc()
         children[1].observe(duration)
+        if ctx.error_code:
+            self._metrics.errors.labels(route, ctx.model, ctx.version, ctx.error_code).inc()
         emit = log.debug if route in OPEN_PATHS and status < 400 else log.info
         emit(
             "request",

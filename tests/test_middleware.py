@@ -173,6 +173,32 @@ def test_rate_limited_key_gets_429_with_retry_after(keyed: falcon.testing.TestCl
     assert other.status_code == 200
 
 
+def test_errors_are_counted_by_code_and_latency_by_version(
+    tmp_path: Path, demo_settings: Settings, demo_repository: Repository
+) -> None:
+    store = KeyStore({"slow": SLOW_RECORD})
+    path = tmp_path / "rl.bin"
+    create_state(path, 1)
+    metrics = Metrics()
+    client = falcon.testing.TestClient(
+        create_app(demo_settings, demo_repository, metrics, store, RateLimiter(path))
+    )
+    headers = {"X-API-Key": SLOW_TOKEN}
+    route = "/v2/models/{model}/infer"
+    for _ in range(4):
+        client.simulate_post("/v2/models/tabular/infer", json=GOOD, headers=headers)
+    value = metrics.registry.get_sample_value
+    # The key's limit refuses before routing: counted without route, model or version.
+    refused = {"route": "unmatched", "model": "", "version": "", "code": "RATE_LIMITED"}
+    assert value("onnx_appliance_errors_total", refused) == 2.0  # a burst of 2, then 429s
+    served = {"route": route, "model": "tabular", "version": "2"}
+    assert value("onnx_appliance_request_duration_seconds_count", served) == 2.0
+    assert value("onnx_appliance_errors_total", {**served, "code": "RATE_LIMITED"}) is None
+    client.simulate_post("/v2/models/nope/infer", json=GOOD)  # no key
+    unknown = {**refused, "code": "UNAUTHENTICATED"}
+    assert value("onnx_appliance_errors_total", unknown) == 1.0
+
+
 def test_open_mode_without_keys(client: falcon.testing.TestClient) -> None:
     assert client.simulate_post("/v2/models/tabular/infer", json=GOOD).status_code == 200
 

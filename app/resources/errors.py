@@ -63,6 +63,7 @@ def render_error(
 ) -> None:
     """Write the error body and the code's status onto ``resp``."""
     status = HTTP_STATUS[code]
+    req.context.error_code = code.value
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = schema.encode(error_document(req, code, message))

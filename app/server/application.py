@@ -130,6 +130,7 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
             log.error("worker_boot_failed", error=str(exc))
             raise SystemExit(WORKER_BOOT_ERROR) from None
         metrics.models_loaded.set(sum(1 for _ in repository.models()))
+        metrics.worker_starts.inc()
         limiter = RateLimiter(state.limiter_path) if state.limiter_path else None
         log.info("worker_ready", models=repository.names, generation=state.generation)
         return closing_connections(
