@@ -36,7 +36,7 @@ def test_panels_have_unique_ids_and_do_not_overlap() -> None:
     cells: set[tuple[int, int]] = set()
     for panel in panels:
         g = panel["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, panel["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, panel["title"]
         mine = {
             (x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])
         }
