@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from app.models.repository import ModelEntry
 
 EXIT_CONFIG = 2
+EXIT_UNHEALTHY = 1
+READY_PATH = "/v2/health/ready"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     actions.add_parser("list", help="list key ids and their limits")
     revoke = actions.add_parser("revoke", help="delete a key")
     revoke.add_argument("id")
+
+    health = sub.add_parser(
+        "health",
+        help="ask the local server whether it is ready (a container HEALTHCHECK)",
+        description="GET /v2/health/ready on the first server.bind address of the settings "
+        "(a wildcard host is asked on loopback). Exit status 0 when it answers 200, 1 "
+        "when it is not ready or not answering, 2 when the settings are invalid.",
+    )
+    health.add_argument("--config", type=Path, help="settings file (as for serve)")
+    health.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
+    )
 
     sub.add_parser("version", help="print the version")
     return parser
@@ -299,6 +313,55 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def health(args: argparse.Namespace) -> int:
+    """Probe the server's readiness through its first listening address."""
+    try:
+        settings = load_settings(_config_path(args), check_repository=False)
+    except SettingsError as exc:
+        return _fail(str(exc))
+    if not 0 < args.timeout <= 300:
+        return _fail(f"--timeout {args.timeout:g} is out of range: use more than 0, at most 300")
+    address = settings.server.bind[0]
+    try:
+        status = _get_status(address, READY_PATH, args.timeout)
+    except OSError as exc:
+        print(f"onnx-appliance: not answering on {address}: {exc}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    if status != 200:
+        print(f"onnx-appliance: not ready on {address}: HTTP {status}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    print(f"ready on {address}")
+    return 0
+
+
+def _get_status(address: str, path: str, timeout: float) -> int:
+    """The status of ``GET path`` at a bind address (``host:port`` or ``unix:/path``)."""
+    import http.client
+    import socket
+
+    if address.startswith("unix:"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address[len("unix:") :])
+        except OSError:
+            sock.close()
+            raise
+        conn = http.client.HTTPConnection("localhost", timeout=timeout)
+        conn.sock = sock
+    else:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        # A wildcard listens on loopback too, the one address sure to be there.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 def _routing(entry: ModelEntry, version: int) -> str:
     """How requests that name no version reach this version, for ``check``'s listing."""
     weights = entry.config.traffic
@@ -319,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return keys(args)
     if args.command == "check-config":
         return check_config(args)
+    if args.command == "health":
+        return health(args)
     if args.command == "check":
         import structlog
 

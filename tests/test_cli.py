@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import shutil
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -208,3 +213,72 @@ def test_serve_says_in_one_line_when_it_cannot_listen(tmp_path: Path) -> None:
         "onnx-appliance: error: cannot listen on no-such-host.invalid:8000: "
     )
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+class _Ready(http.server.BaseHTTPRequestHandler):
+    """Answers readiness like the app: 200, or 503 once ``ready`` is cleared."""
+
+    ready = True
+
+    def do_GET(self) -> None:
+        self.send_response(200 if self.path == "/v2/health/ready" and self.ready else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _UnixHTTPServer(socketserver.UnixStreamServer):
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        request, _ = super().get_request()
+        return request, ("local", 0)  # BaseHTTPRequestHandler wants a (host, port)
+
+
+@contextlib.contextmanager
+def _serving(server: socketserver.BaseServer) -> Iterator[None]:
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_health_asks_the_first_bind_address_for_readiness(tmp_path: Path) -> None:
+    config = tmp_path / "appliance.toml"
+    with http.server.HTTPServer(("127.0.0.1", 0), _Ready) as tcp, _serving(tcp):
+        port = tcp.server_address[1]
+        # A wildcard host is asked on loopback.
+        config.write_text(f'[server]\nbind = ["0.0.0.0:{port}"]\nallow_non_loopback = true\n')
+        result = run("health", "--config", str(config))
+        assert (result.returncode, result.stdout) == (0, f"ready on 0.0.0.0:{port}\n")
+        _Ready.ready = False
+        try:
+            result = run("health", "--config", str(config))
+        finally:
+            _Ready.ready = True
+        assert result.returncode == 1
+        assert result.stderr == f"onnx-appliance: not ready on 0.0.0.0:{port}: HTTP 503\n"
+    path = tmp_path / "app.sock"
+    with _UnixHTTPServer(str(path), _Ready) as unix, _serving(unix):
+        config.write_text(f'[server]\nbind = ["unix:{path}", "127.0.0.1:1"]\n')
+        result = run("health", "--config", str(config))
+        assert (result.returncode, result.stdout) == (0, f"ready on unix:{path}\n")
+    result = run("health", "--config", str(config), "--timeout", "2")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"onnx-appliance: not answering on unix:{path}: ")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_health_refuses_bad_settings_with_status_2(tmp_path: Path) -> None:
+    config = tmp_path / "appliance.toml"
+    config.write_text('[server]\nbind = ["10.1.2.3:80"]\n')
+    result = run("health", "--config", str(config))
+    assert result.returncode == 2
+    assert "not a loopback address" in result.stderr
+    config.write_text("")
+    result = run("health", "--config", str(config), "--timeout", "0")
+    assert (result.returncode, len(result.stderr.splitlines())) == (2, 1)
