@@ -11,7 +11,7 @@ export UV_LINK_MODE := copy
 # compiles the sources again where PYTHONDONTWRITEBYTECODE is set.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: run test test-fast lint models typecheck format demo-models check clean bench bench-smoke dist test-appliance loadtest
+.PHONY: run test test-fast lint models typecheck format demo-models check clean bench bench-smoke dist test-appliance loadtest container
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,11 @@ test-appliance: $(VENV)/.dev
 # Offline install artifact for Debian 12 VMs: dist/onnx-appliance-<version>.tar.gz
 dist: $(VENV)/.dev
 	$(BIN)/python packaging/dist.py dist
+
+# Container image from the same artifact, and its compose stack with NGINX in front:
+# build/container (podman or docker; CONTAINER_ARGS="--models DIR --server-name NAME").
+container: $(VENV)/.dev
+	$(BIN)/python packaging/container.py $(CONTAINER_ARGS)
 
 models: $(MODELS)/.ready
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -81,6 +83,42 @@ class Server:
                 self.process.kill()
                 self.process.wait(timeout=10)
         return int(self.process.returncode)
+
+
+#: Where debootstrapped roots are kept between runs.
+ROOTFS_CACHE = Path(
+    os.environ.get("ONNX_APPLIANCE_ROOTFS_CACHE", Path.home() / ".cache" / "onnx-appliance")
+)
+# What a fresh Debian 12 VM image has (python3-apt lets Ansible run --check on it).
+ROOTFS_PACKAGES = (
+    "systemd,systemd-sysv,dbus,python3,python3-apt,python3-venv,curl,ca-certificates,openssl"
+)
+
+
+def base_rootfs() -> Path:
+    """A minimal bookworm root, built once per package list and kept."""
+    digest = hashlib.sha256(ROOTFS_PACKAGES.encode()).hexdigest()[:8]
+    cache = ROOTFS_CACHE / f"rootfs-bookworm-{digest}"
+    if (cache / ".complete").exists():
+        return cache
+    if cache.exists():
+        shutil.rmtree(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--include={ROOTFS_PACKAGES}",
+            "bookworm",
+            str(cache),
+            "http://deb.debian.org/debian",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=1200,
+    )
+    (cache / ".complete").touch()
+    return cache
 
 
 def children(pid: int) -> list[int]:

@@ -11,7 +11,6 @@ file in the root. A second playbook run must change nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,18 +23,14 @@ import pytest
 
 from app import __version__
 from tests.conftest import ROOT
+from tests.e2e.conftest import base_rootfs
 
 sys.path.insert(0, str(ROOT / "packaging"))
 import dist
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
-CACHE_ROOT = Path(
-    os.environ.get("ONNX_APPLIANCE_ROOTFS_CACHE", Path.home() / ".cache" / "onnx-appliance")
-)
 BIN = Path(sys.executable).parent
-# What a fresh Debian 12 VM image has (python3-apt lets Ansible run --check on it).
-PACKAGES = "systemd,systemd-sysv,dbus,python3,python3-apt,python3-venv,curl,ca-certificates,openssl"
 ROW = ",".join(["0.5"] * 30)
 SELFTEST = f"""#!/bin/sh
 # Runs inside the booted appliance; writes /selftest.json and powers off either way.
@@ -89,31 +84,6 @@ TimeoutStartSec=300
 [Install]
 WantedBy=multi-user.target
 """
-
-
-def _base_rootfs() -> Path:
-    """A minimal bookworm root, built once per package list and kept."""
-    cache = CACHE_ROOT / f"rootfs-bookworm-{hashlib.sha256(PACKAGES.encode()).hexdigest()[:8]}"
-    if (cache / ".complete").exists():
-        return cache
-    if cache.exists():
-        shutil.rmtree(cache)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            "debootstrap",
-            "--variant=minbase",
-            f"--include={PACKAGES}",
-            "bookworm",
-            str(cache),
-            "http://deb.debian.org/debian",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=1200,
-    )
-    (cache / ".complete").touch()
-    return cache
 
 
 def _playbook(rootfs: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -172,7 +142,7 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     artifact = dist.build(work / "dist")
     assert artifact.name == f"onnx-appliance-{__version__}.tar.gz"
     rootfs = work / "rootfs"
-    subprocess.run(["cp", "-a", str(_base_rootfs()), str(rootfs)], check=True, timeout=600)
+    subprocess.run(["cp", "-a", str(base_rootfs()), str(rootfs)], check=True, timeout=600)
     first = _playbook(rootfs)
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
     return rootfs, first.stdout
@@ -194,7 +164,7 @@ def test_second_run_changes_nothing(provisioned: tuple[Path, str]) -> None:
 def test_check_mode_on_a_fresh_host(tmp_path: Path, provisioned: tuple[Path, str]) -> None:
     rootfs, _ = provisioned
     fresh = tmp_path / "rootfs"
-    subprocess.run(["cp", "-a", str(_base_rootfs()), str(fresh)], check=True, timeout=600)
+    subprocess.run(["cp", "-a", str(base_rootfs()), str(fresh)], check=True, timeout=600)
     (tmp_path / "dist").symlink_to(rootfs.parent / "dist")
     result = _playbook(fresh, "--check", "--diff")
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

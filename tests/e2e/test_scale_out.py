@@ -36,8 +36,8 @@ import pytest
 from loadtests.edge import lab_tls
 from loadtests.traffic import Report
 from tests.conftest import ROOT
-from tests.e2e.conftest import DRILL_REPORTS, children, json_lines
-from tests.e2e.test_appliance import CACHE_ROOT, _base_rootfs, dist
+from tests.e2e.conftest import DRILL_REPORTS, ROOTFS_CACHE, base_rootfs, children, json_lines
+from tests.e2e.test_appliance import dist
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -63,9 +63,9 @@ def sh(*cmd: str, timeout: float = 600, check: bool = True) -> subprocess.Comple
 
 def _lab_image() -> Path:
     """The base root plus what a Debian cloud image brings for this: NGINX, sshd (cached)."""
-    base = _base_rootfs()
+    base = base_rootfs()
     digest = hashlib.sha256(" ".join(LAB_PACKAGES).encode()).hexdigest()[:8]
-    image = CACHE_ROOT / f"{base.name}-lab-{digest}"
+    image = ROOTFS_CACHE / f"{base.name}-lab-{digest}"
     if (image / ".complete").exists():
         return image
     if image.exists():
