@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,3 +73,42 @@ def test_every_public_variable_is_documented() -> None:
         for name in _defaults(role_dir.name):
             assert name.startswith(f"{role_dir.name}_"), (role_dir.name, name)
             assert f"`{name}`" in readme, (role_dir.name, name)
+
+
+def _rules_play(tmp_path: Path, **variables: str | bool) -> subprocess.CompletedProcess[str]:
+    """The role's rules tasks on this machine (connection local), into ``tmp_path``."""
+    playbook = tmp_path / "rules.yml"
+    include = {"name": "onnx_appliance", "tasks_from": "prometheus_rules"}
+    task = {"name": "Install the rules", "ansible.builtin.include_role": include}
+    play = {"hosts": "localhost", "connection": "local", "gather_facts": False, "tasks": [task]}
+    playbook.write_text(yaml.safe_dump([play]))
+    extra = {
+        "ansible_python_interpreter": sys.executable,
+        "onnx_appliance_manage_service": False,
+        **variables,
+    }
+    return run(
+        str(BIN / "ansible-playbook"), "-i", "localhost,", str(playbook), "-e", json.dumps(extra)
+    )
+
+
+def test_alert_rules_land_where_prometheus_reads_them_checked_by_promtool(tmp_path: Path) -> None:
+    rules_dir = tmp_path / "rules.d"
+    first = _rules_play(tmp_path, onnx_appliance_prometheus_rules_dir=str(rules_dir))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "changed=2" in first.stdout  # the folder and the file
+    source = ROOT / "packaging" / "monitoring" / "onnx-appliance.rules.yml"
+    assert (rules_dir / "onnx-appliance.rules.yml").read_text() == source.read_text()
+    second = _rules_play(tmp_path, onnx_appliance_prometheus_rules_dir=str(rules_dir))
+    assert "changed=0" in second.stdout, second.stdout
+    # A file promtool refuses is never written (here a promtool that refuses everything).
+    refused = tmp_path / "refused.d"
+    bad = _rules_play(
+        tmp_path, onnx_appliance_prometheus_rules_dir=str(refused), onnx_appliance_promtool="false"
+    )
+    assert bad.returncode != 0
+    assert "failed to validate" in bad.stdout
+    assert not (refused / "onnx-appliance.rules.yml").exists()
+    # Off by default: nothing installed.
+    off = _rules_play(tmp_path)
+    assert off.returncode == 0 and "changed=0" in off.stdout, off.stdout
