@@ -40,6 +40,7 @@ MAX_BODY_BYTES = 1024 * 1024 * 1024
 MAX_BATCH_ROWS = 1_000_000
 MAX_TENSOR_ELEMENTS = 1 << 31
 MAX_TEXT_TOKENS = 65_536
+MAX_IMAGE_PIXELS = 1 << 28
 #: Most sequences one worker may generate at once (each holds a key/value cache).
 MAX_SEQUENCES = 256
 MAX_TIMEOUT_MS = 3_600_000

@@ -26,6 +26,7 @@ from app.resources.health import (
     ReadyResource,
     ServerResource,
 )
+from app.resources.image import ClassifyResource
 from app.resources.metrics import MetricsResource
 from app.resources.openapi import OpenApiResource
 from app.resources.text import (
@@ -38,7 +39,7 @@ from app.resources.text import (
 )
 from app.resources.v1 import ModelStatusResource, PredictResource
 from app.resources.v2 import ModelsResource, RepositoryIndexResource
-from app.settings import Settings
+from app.settings import LimitsSettings, Settings
 
 
 def create_app(
@@ -83,7 +84,20 @@ def create_app(
     app.resp_options.secure_cookies_by_default = True
     errors.install(app)
 
-    limits = settings.limits
+    _add_model_routes(app, repository, settings.limits)
+    _add_text_routes(app, repository, settings.limits)
+    if settings.metrics.enabled:
+        app.add_route("/metrics", MetricsResource(metrics))
+    openapi = OpenApiResource()
+    app.add_route("/openapi.json", openapi)
+    openapi.build(app, OPEN_PATHS)
+    return app
+
+
+def _add_model_routes(
+    app: falcon.App[Any, Any], repository: Repository, limits: LimitsSettings
+) -> None:
+    """Health, OIP v2, the simple JSON routes and image uploads."""
     ready = ReadyResource(repository)
     live = LiveResource()
     models = ModelsResource(repository, limits)
@@ -105,6 +119,15 @@ def create_app(
     app.add_route("/v1/models/{model}:predict", predict)
     app.add_route("/v1/models/{model}/versions/{version}:predict", predict, suffix="versioned")
     app.add_route("/predict", predict)
+    classify = ClassifyResource(repository, limits)
+    app.add_route("/v1/models/{model}:classify", classify)
+    app.add_route("/v1/models/{model}/versions/{version}:classify", classify, suffix="versioned")
+
+
+def _add_text_routes(
+    app: falcon.App[Any, Any], repository: Repository, limits: LimitsSettings
+) -> None:
+    """OpenAI's model list, embeddings, tokenization and generation."""
     app.add_route("/v1/models", ModelListResource(repository))
     app.add_route("/v1/embeddings", OpenAIEmbeddingsResource(repository, limits))
     app.add_route("/embed", EmbedResource(repository, limits))
@@ -119,12 +142,6 @@ def create_app(
     app.add_route("/v1/completions", CompletionsResource(repository, limits))
     app.add_route("/v1/chat/completions", ChatCompletionsResource(repository, limits))
     app.add_route("/ws", WebSocketResource(repository, limits))
-    if settings.metrics.enabled:
-        app.add_route("/metrics", MetricsResource(metrics))
-    openapi = OpenApiResource()
-    app.add_route("/openapi.json", openapi)
-    openapi.build(app, OPEN_PATHS)
-    return app
 
 
 def runtime_options(settings: Settings) -> RuntimeOptions:

@@ -261,3 +261,21 @@ def _random_weight(seed: int, size: int) -> onnx.TensorProto:
     return numpy_helper.from_array(
         (rng.standard_normal((size, size)) / np.sqrt(size)).astype(np.float32), "w"
     )
+
+
+def pixels_4x4() -> onnx.ModelProto:
+    """An image model taking exactly 4x4 RGB pictures: uint8 ``image`` [-1, 4, 4, 3] ->
+    ``scores`` float [-1, 48], the pixels as floats (so tests see what the graph got)."""
+    shape = numpy_helper.from_array(np.array([-1, 48], dtype=np.int64), "shape")
+    return _model(
+        helper.make_graph(
+            [
+                helper.make_node("Cast", ["image"], ["floats"], to=TensorProto.FLOAT),
+                helper.make_node("Reshape", ["floats", "shape"], ["scores"]),
+            ],
+            "pixels",
+            [helper.make_tensor_value_info("image", TensorProto.UINT8, ["n", 4, 4, 3])],
+            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 48])],
+            initializer=[shape],
+        )
+    )

@@ -53,7 +53,7 @@ def test_check_prints_every_signature() -> None:
     assert "tabular version 2 (default): ready" in result.stdout
     assert "input  text: BYTES [-1, 1]" in result.stdout
     assert "output logits: FP32 [-1, 10]" in result.stdout
-    assert "ok: 4 model(s), 5 version(s)" in result.stdout
+    assert "ok: 5 model(s), 6 version(s)" in result.stdout
 
 
 def test_check_refuses_a_bad_repository(tmp_path: Path) -> None:

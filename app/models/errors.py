@@ -21,6 +21,12 @@ class PayloadTooLarge(ServingError):
     code = ErrorCode.PAYLOAD_TOO_LARGE
 
 
+class UnsupportedInput(ServingError):
+    """The input is in a format the model does not take (an image format, say)."""
+
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
+
+
 class ModelNotFound(ServingError):
     """No such model, or no such version of it."""
 

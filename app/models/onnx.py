@@ -121,6 +121,28 @@ class GenerationOptions:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageOptions:
+    """``[image]`` in ``model.toml`` (see :mod:`app.models.image`).
+
+    Attributes:
+        input: The graph input that takes images: UINT8 ``[-1, -1, -1, 3]`` (images,
+            height, width, RGB).
+        scores: The graph output of class scores ``[-1, classes]`` that ``:classify``
+            ranks; "" for the only 2-dimensional float output.
+        formats: Image formats accepted (Pillow's names).
+        max_pixels: Most pixels one image may declare; larger ones are refused before any
+            pixel is decoded (decompression bombs).
+        max_images: Most images in one request.
+    """
+
+    input: str = "image"
+    scores: str = ""
+    formats: tuple[str, ...] = ("PNG", "JPEG")
+    max_pixels: int = 4_194_304
+    max_images: int = 16
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeOptions:
     """How a session is built and warmed up.
 
@@ -135,6 +157,7 @@ class RuntimeOptions:
         batching: Dynamic batching limits, or None to run each request on its own.
         text: How a text model tokenizes and pools, or None for a tensor model.
         generation: How a generation model decodes, or None.
+        image: How an image model decodes its uploads, or None.
         cache: Bounds of the response cache, or None for no cache.
         inline_run_us: In a gevent worker, a model whose warm-up (the fastest run at each
             warm-up batch size) took at most this long runs on the worker's own thread; a
@@ -153,6 +176,7 @@ class RuntimeOptions:
     inline_run_us: int = 1000
     text: TextOptions | None = None
     generation: GenerationOptions | None = None
+    image: ImageOptions | None = None
     cache: CacheOptions | None = None
 
 

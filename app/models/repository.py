@@ -22,8 +22,10 @@ from app.models.batching import BatchingOptions
 from app.models.cache import CacheOptions
 from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
 from app.models.generation import CHAT_TEMPLATE_FILE, Generator
+from app.models.image import KNOWN_FORMATS, ImageRunner
 from app.models.onnx import (
     GenerationOptions,
+    ImageOptions,
     InferenceObserver,
     ModelState,
     OnnxModel,
@@ -35,6 +37,7 @@ from app.models.runner import Predictor, Runner
 from app.models.text import TOKENIZER_FILE, TextRunner, Vocabulary
 from app.settings import (
     MAX_BATCH_ROWS,
+    MAX_IMAGE_PIXELS,
     MAX_INLINE_RUN_US,
     MAX_QUEUE,
     MAX_SEQUENCES,
@@ -250,6 +253,54 @@ class GenerationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
         )
 
 
+class ImageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[image]`` in ``model.toml``: the model takes pictures, decoded here; its graph's
+    image input is UINT8 ``[images, height, width, 3]`` (see :mod:`app.models.image`).
+
+    Attributes:
+        input: The graph input that takes the images.
+        scores: The output of class scores that ``:classify`` ranks ("" for the only
+            2-dimensional float output).
+        formats: Image formats accepted, of PNG, JPEG, WEBP, BMP, GIF, TIFF.
+        max_pixels: Most pixels one image may declare (refused before decoding).
+        max_images: Most images in one request.
+    """
+
+    input: str = "image"
+    scores: str = ""
+    formats: list[str] = msgspec.field(default_factory=lambda: ["PNG", "JPEG"])
+    max_pixels: int = 4_194_304
+    max_images: int = 16
+
+    def options(self, model: str) -> ImageOptions:
+        """Validated options.
+
+        Raises:
+            RepositoryError: a value out of range or an unknown format.
+        """
+        where = f"model {model!r}: {MODEL_CONFIG}: image"
+        for key, value, low, high in (
+            ("max_pixels", self.max_pixels, 1, MAX_IMAGE_PIXELS),
+            ("max_images", self.max_images, 1, MAX_BATCH_ROWS),
+        ):
+            problem = out_of_range(key, value, low, high)
+            if problem:
+                raise RepositoryError(f"{where}: {problem}")
+        formats = [f.upper() for f in self.formats]
+        unknown = sorted(set(formats) - set(KNOWN_FORMATS))
+        if unknown or not formats:
+            raise RepositoryError(
+                f"{where}: formats {unknown or '[]'} are not among {', '.join(KNOWN_FORMATS)}"
+            )
+        return ImageOptions(
+            input=self.input,
+            scores=self.scores,
+            formats=tuple(formats),
+            max_pixels=self.max_pixels,
+            max_images=self.max_images,
+        )
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Contents of ``<name>/model.toml``; every key is optional.
 
@@ -268,6 +319,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         cache: Response cache (``[cache]`` table); off when absent.
         text: The model takes text (``[text]`` table); a tensor model when absent.
         generation: The model generates text (``[generation]`` table).
+        image: The model takes images (``[image]`` table).
         traffic: Weights by version for requests that name no version, e.g.
             ``{"1" = 90, "2" = 10}``; routing is sticky per request id.
         labels: Class names, shown in metadata for clients.
@@ -288,6 +340,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cache: CacheConfig | None = None
     text: TextConfig | None = None
     generation: GenerationConfig | None = None
+    image: ImageConfig | None = None
     labels: list[str] = msgspec.field(default_factory=list)
     description: str = ""
 
@@ -430,6 +483,9 @@ class Repository:
                     served = TextRunner(runner(model), model.options.text, tokenizer)
                 elif model.options.generation is not None:
                     served = Generator(model, model.options.generation, model.path.parent)
+                elif model.options.image is not None:
+                    served = ImageRunner(runner(model), model.options.image)
+                    served.warm_up()
                 else:
                     served = runner(model)
                 entry.runners[version] = served
@@ -470,6 +526,11 @@ class Repository:
     def text_names(self) -> list[str]:
         """Names of the text models, in order."""
         return [name for name, entry in self._entries.items() if entry.config.text is not None]
+
+    @property
+    def image_names(self) -> list[str]:
+        """Names of the image models, in order."""
+        return [name for name, entry in self._entries.items() if entry.config.image is not None]
 
     @property
     def generation_names(self) -> list[str]:
@@ -515,6 +576,20 @@ class Repository:
         return self._served(
             TextRunner, self.text_names, "no text model is served here", "is not a text model",
             name, version, routing_key,
+        )  # fmt: skip
+
+    def image(
+        self, name: str, version: str | None = None, routing_key: str | None = None
+    ) -> ImageRunner:
+        """An image model's runner.
+
+        Raises:
+            ModelNotFound: no such model, or it does not take images.
+            ModelNotReady: it is still loading.
+        """
+        return self._served(
+            ImageRunner, self.image_names, "no image model is served here",
+            "does not take images", name, version, routing_key,
         )  # fmt: skip
 
     def _served(
@@ -600,16 +675,23 @@ def _scan_model(
         cache=config.cache.options(name) if config.cache else None,
         text=config.text.options(name) if config.text else None,
         generation=config.generation.options(name) if config.generation else None,
+        image=config.image.options(name) if config.image else None,
         inline_run_us=(
             options.inline_run_us if config.inline_run_us is None else config.inline_run_us
         ),
     )
+    kinds = [k for k in ("text", "generation", "image") if getattr(config, k) is not None]
+    if len(kinds) > 1:
+        raise RepositoryError(
+            f"model {name!r}: {MODEL_CONFIG}: a model has one of [text] (embeddings), "
+            f"[generation] and [image]; this one has {', '.join(f'[{k}]' for k in kinds)}"
+        )
+    if config.image is not None and (config.batching or config.cache):
+        raise RepositoryError(
+            f"model {name!r}: {MODEL_CONFIG}: an image model runs the images of a request "
+            "together by size; [batching] and [cache] are for tensor models"
+        )
     if config.text is not None or config.generation is not None:
-        if config.text is not None and config.generation is not None:
-            raise RepositoryError(
-                f"model {name!r}: {MODEL_CONFIG}: a model has [text] (embeddings) or "
-                "[generation], not both"
-            )
         if config.batching is not None:
             raise RepositoryError(
                 f"model {name!r}: {MODEL_CONFIG}: a text model batches by tokens "

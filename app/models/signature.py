@@ -74,11 +74,14 @@ class TensorSpec:
         name: Tensor name in the ONNX graph.
         datatype: Open Inference Protocol datatype (``FP32``, ``BYTES``...).
         shape: Dimensions, ``-1`` where the model leaves the dimension dynamic.
+        raw: A BYTES tensor whose elements are binary data (an image's file), not text: the
+            protocols pass them on as ``bytes`` (base64 in JSON).
     """
 
     name: str
     datatype: Datatype
     shape: tuple[int, ...]
+    raw: bool = False
 
     @property
     def dtype(self) -> np.dtype[np.generic]:

@@ -643,6 +643,31 @@ class ChatCompletionChunk(_Body, kw_only=True):
     usage: CompletionUsage | None = None
 
 
+# -- Image classification (``POST /v1/models/{m}:classify``) ----------------------------------
+
+
+class ClassScore(_Body):
+    """One class of an image and its score."""
+
+    label: str
+    score: float
+
+
+class ImageClasses(_Body):
+    """The best classes of one uploaded image, best first."""
+
+    file: str
+    predictions: list[ClassScore]
+
+
+class ClassifyResponse(_Body, kw_only=True):
+    """Every uploaded image's best classes, in upload order."""
+
+    model_name: str
+    model_version: str
+    results: list[ImageClasses]
+
+
 # -- Errors ----------------------------------------------------------------------------------
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import struct
 from typing import Any
@@ -29,8 +31,12 @@ def check_elements(name: str, shape: list[int], max_elements: int) -> tuple[int,
     return tuple(shape)
 
 
-def array_from_json(name: str, data: Any, datatype: Datatype, shape: tuple[int, ...]) -> np.ndarray:
+def array_from_json(
+    name: str, data: Any, datatype: Datatype, shape: tuple[int, ...], raw_bytes: bool = False
+) -> np.ndarray:
     """Build the array for one input from JSON ``data`` (flat or nested, row-major).
+
+    ``raw_bytes``: the input is BYTES of binary data, sent in JSON as base64 strings.
 
     Raises:
         InvalidInput: ragged lists, values of the wrong kind, out-of-range integers, or an
@@ -48,7 +54,18 @@ def array_from_json(name: str, data: Any, datatype: Datatype, shape: tuple[int, 
             f"input {name!r}: 'data' has {raw.size} elements but shape "
             f"{list(shape)} needs {expected}"
         )
-    return coerce(name, raw, datatype, data).reshape(shape)
+    array = coerce(name, raw, datatype, data).reshape(shape)
+    if raw_bytes:
+        flat = array.reshape(-1)
+        for i, text in enumerate(flat):
+            try:
+                flat[i] = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidInput(
+                    f"input {name!r} takes binary data: element {i} is not base64 (send it "
+                    "base64-encoded, or as binary tensor data)"
+                ) from None
+    return array
 
 
 def coerce(name: str, raw: np.ndarray, datatype: Datatype, source: Any = None) -> np.ndarray:
@@ -116,16 +133,22 @@ def _kind_name(kind: str) -> str:
 
 
 def array_from_bytes(
-    name: str, chunk: memoryview, datatype: Datatype, shape: tuple[int, ...]
+    name: str,
+    chunk: memoryview,
+    datatype: Datatype,
+    shape: tuple[int, ...],
+    raw_bytes: bool = False,
 ) -> np.ndarray:
     """Decode one tensor of the binary tensor data extension (little-endian, row-major).
+
+    ``raw_bytes``: BYTES elements stay ``bytes`` (binary data) instead of UTF-8 text.
 
     Raises:
         InvalidInput: the byte count does not match the shape and datatype.
     """
     count = math.prod(shape)
     if datatype == "BYTES":
-        return _bytes_elements(name, chunk, count).reshape(shape)
+        return _bytes_elements(name, chunk, count, raw_bytes).reshape(shape)
     dtype = DATATYPE_TO_NUMPY[datatype].newbyteorder("<")
     if len(chunk) != count * dtype.itemsize:
         raise InvalidInput(
@@ -138,7 +161,7 @@ def array_from_bytes(
     return array.astype(DATATYPE_TO_NUMPY[datatype], copy=False).reshape(shape)
 
 
-def _bytes_elements(name: str, chunk: memoryview, count: int) -> np.ndarray:
+def _bytes_elements(name: str, chunk: memoryview, count: int, raw_bytes: bool) -> np.ndarray:
     out = np.empty(count, dtype=object)
     pos, end = 0, len(chunk)
     for i in range(count):
@@ -149,7 +172,8 @@ def _bytes_elements(name: str, chunk: memoryview, count: int) -> np.ndarray:
         if pos + size > end:
             raise InvalidInput(f"input {name!r}: binary BYTES element {i} is truncated")
         try:
-            out[i] = bytes(chunk[pos : pos + size]).decode("utf-8")
+            element = bytes(chunk[pos : pos + size])
+            out[i] = element if raw_bytes else element.decode("utf-8")
         except UnicodeDecodeError:
             raise InvalidInput(f"input {name!r}: BYTES element {i} is not UTF-8 text") from None
         pos += size

@@ -104,11 +104,11 @@ def parse_infer(
                     f"the {len(binary) - offset} bytes left in the body"
                 )
             inputs[name] = array_from_bytes(
-                name, binary[offset : offset + size], item.datatype, shape
+                name, binary[offset : offset + size], item.datatype, shape, spec.raw
             )
             offset += size
         elif item.data is not UNSET:
-            inputs[name] = array_from_json(name, item.data, item.datatype, shape)
+            inputs[name] = array_from_json(name, item.data, item.datatype, shape, spec.raw)
         else:
             raise InvalidInput(f"input {name!r} has neither 'data' nor binary_data_size")
     if offset != len(binary):

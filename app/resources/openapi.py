@@ -83,6 +83,8 @@ class Operation:
         media: Media type of a non-JSON 200.
         events: Types of the Server-Sent Events it may answer with instead (``data`` lines).
         websocket: What the route speaks after a 101 (it answers no 200), or "".
+        form: JSON schema of the ``multipart/form-data`` body it takes (file uploads), or
+            None.
     """
 
     summary: str
@@ -94,6 +96,7 @@ class Operation:
     media: str = _JSON
     events: tuple[Any, ...] = ()
     websocket: str = ""
+    form: Any = None
 
 
 _OPERATIONS: dict[str, Operation] = {}
@@ -110,6 +113,7 @@ def documented(
     media: str = _JSON,
     events: Any = None,
     websocket: str = "",
+    form: Any = None,
 ) -> Callable[[F], F]:
     """Describe a responder for the OpenAPI document.
 
@@ -128,6 +132,7 @@ def documented(
             media,
             _members(events),
             websocket,
+            form,
         )
         return responder
 
@@ -264,6 +269,12 @@ def _operation(
     if needs_key:
         codes += KEY_ERRORS
     result: dict[str, Any] = {"summary": operation.summary, "parameters": parameters}
+    if operation.form is not None:
+        result["requestBody"] = {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": operation.form}},
+        }
+        codes += BODY_ERRORS
     if operation.requests:
         body: dict[str, Any] = {_JSON: _content(operation.requests, ref_of)}
         if operation.binary:

@@ -2,7 +2,7 @@
 
 Run with the dev dependencies installed (scikit-learn, skl2onnx)::
 
-    .venv/bin/python packaging/demo/build_models.py app/demo_models
+    .venv/bin/python packaging/demo/build_models.py app/demo_models [SAMPLES]
 
 Everything is seeded, and every model is fitted in float64 to the optimum of a strictly
 convex problem (closed-form ridge, Newton's method for logistic regression) rather than
@@ -17,6 +17,13 @@ Models written:
     sentiment/1            raw English text -> label + probabilities; TF-IDF is inside the
                            ONNX graph, so there is no training/serving skew
     mlp/1                  compute-heavy MLP, float32 [N,256] -> 1024 -> 1024 -> 10 logits
+    digits/1               handwritten digit classifier: RGB pictures of any size, uint8
+                           [N,H,W,3] -> label + probabilities; greying, inverting, resizing
+                           and pooling to the 8x8 features it was trained on are in the graph
+
+Sample pictures for the digits model (for each digit the first held-out image it reads
+right with a score over 0.9, drawn large, dark on light, as a scan would give it) go to SAMPLES,
+``packaging/demo/digits/`` by default.
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 from skl2onnx import convert_sklearn
 from skl2onnx.common.data_types import FloatTensorType, StringTensorType
-from sklearn.datasets import load_breast_cancer, load_diabetes
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
@@ -152,12 +160,114 @@ def build_mlp(out: Path) -> None:
     _save(model, out, "mlp", 1, "Compute-heavy MLP for throughput work")
 
 
+# Resize's antialias attribute (a proper downscale of large pictures) needs opset 18.
+_IMAGE_OPSET = {"": 19, "ai.onnx.ml": 3}
+_DIGITS_SIDE = 32  # the digits data set's bitmaps, pooled 4x4 into its 8x8 features
+_DIGITS_HOLDOUT = 297  # the last images, kept out of training to report accuracy
+
+
+def _digits_preprocessing() -> onnx.ModelProto:
+    """uint8 RGB [N,H,W,3] -> the data set's 64 features (0..16 per 4x4 block of ink)."""
+    f = TensorProto.FLOAT
+    consts = {
+        "grey_weights": np.array([[0.299], [0.587], [0.114]], np.float32),
+        "half": np.array(127.5, np.float32),
+        "white": np.array(255.0, np.float32),
+        "side": np.array([_DIGITS_SIDE, _DIGITS_SIDE], np.int64),
+        "picture_axes": np.array([1, 2, 3], np.int64),
+        "to_counts": np.array(16.0 / 255.0, np.float32),
+        "flat": np.array([-1, 64], np.int64),
+    }
+    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    n = helper.make_node
+    nodes = [
+        n("Cast", ["image"], ["rgb"], to=f),
+        n("MatMul", ["rgb", "grey_weights"], ["grey_nhw1"]),  # ITU-R 601 luma
+        n("Transpose", ["grey_nhw1"], ["grey"], perm=[0, 3, 1, 2]),  # [N,1,H,W]
+        # Ink is what differs from the paper: dark on light (the mean is light) is inverted.
+        n("ReduceMean", ["grey", "picture_axes"], ["mean"], keepdims=1),
+        n("Greater", ["mean", "half"], ["light_paper"]),
+        n("Sub", ["white", "grey"], ["inverted"]),
+        n("Where", ["light_paper", "inverted", "grey"], ["ink"]),
+        # Resize's sizes name every dimension: the batch's own N and 1, then 32 x 32.
+        n("Shape", ["ink"], ["batch_and_channel"], end=2),
+        n("Concat", ["batch_and_channel", "side"], ["target"], axis=0),
+        n("Resize", ["ink", "", "", "target"], ["square"], mode="linear", antialias=1),
+        n("AveragePool", ["square"], ["blocks"], kernel_shape=[4, 4], strides=[4, 4]),
+        n("Mul", ["blocks", "to_counts"], ["counts"]),
+        n("Reshape", ["counts", "flat"], ["features"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "digits_preprocessing",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", "H", "W", 3])],
+        [helper.make_tensor_value_info("features", f, ["N", 64])],
+        initializer=inits,
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid(d, v) for d, v in _IMAGE_OPSET.items()]
+    )
+
+
+def digits_pictures() -> tuple[np.ndarray, np.ndarray]:
+    """The data set as pictures: each 8x8 image drawn at 32x32, dark ink on white paper
+    (uint8 [N,32,32,3]), and its labels."""
+    x, y = load_digits(return_X_y=True)
+    ink = np.kron(x.reshape(-1, 8, 8), np.ones((4, 4))) * (255.0 / 16.0)
+    grey = np.rint(255.0 - ink).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=3), y
+
+
+def build_digits(out: Path, samples: Path) -> None:
+    """Logistic regression on scikit-learn's handwritten digits, behind in-graph preprocessing."""
+    x, y = load_digits(return_X_y=True)
+    train = slice(0, len(x) - _DIGITS_HOLDOUT)
+    classifier = LogisticRegression(C=0.01, **_CONVERGED)
+    classifier.fit(x[train], y[train])
+    held_out = classifier.score(x[-_DIGITS_HOLDOUT:], y[-_DIGITS_HOLDOUT:])
+    converted = convert_sklearn(
+        classifier,
+        initial_types=[("features", FloatTensorType([None, 64]))],
+        options={id(classifier): {"zipmap": False}},
+        target_opset=_IMAGE_OPSET,
+    )
+    # skl2onnx lists the lowest opsets its nodes need (one of them twice); merging wants the
+    # two graphs on the same ones.
+    del converted.opset_import[:]
+    converted.opset_import.extend(helper.make_opsetid(d, v) for d, v in _IMAGE_OPSET.items())
+    converted.graph.name = "digits_classifier"  # not skl2onnx's random uuid
+    preprocessing = _digits_preprocessing()
+    preprocessing.ir_version = converted.ir_version
+    model = onnx.compose.merge_models(preprocessing, converted, io_map=[("features", "features")])
+    _save(model, out, "digits", 1, f"Handwritten digits, 0-9 (held-out accuracy {held_out:.3f})")
+    (out / "digits" / "model.toml").write_text(
+        "# Pictures in: PNG or JPEG uploads (POST /v1/models/digits:classify) or OIP BYTES.\n"
+        'description = "A handwritten digit filling the picture, dark on light or light on '
+        'dark"\n'
+        f"labels = {[str(i) for i in range(10)]!r}\n".replace("'", '"')
+        + '\n[image]\ninput = "image"\nscores = "probabilities"\n'
+    )
+    pictures, labels = digits_pictures()
+    samples.mkdir(parents=True, exist_ok=True)
+    start = len(x) - _DIGITS_HOLDOUT
+    scores = classifier.predict_proba(x[start:])
+    read_right = (scores.argmax(axis=1) == y[start:]) & (scores.max(axis=1) > 0.9)
+    for digit in range(10):
+        # The first held-out picture of the digit that the model reads right and clearly: a
+        # demo, not a measure (the accuracy above is that).
+        index = start + int(np.flatnonzero((labels[start:] == digit) & read_right)[0])
+        Image.fromarray(pictures[index]).save(samples / f"{digit}.png", optimize=False)
+    print(f"digits: held-out accuracy {held_out:.3f}; samples in {samples}")
+
+
 def main(argv: list[str]) -> int:
     out = Path(argv[1]) if len(argv) > 1 else Path("app/demo_models")
+    samples = Path(argv[2]) if len(argv) > 2 else HERE / "digits"
     build_tabular(out)
     build_regression(out)
     build_sentiment(out)
     build_mlp(out)
+    build_digits(out, samples)
     return 0
 
 

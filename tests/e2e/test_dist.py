@@ -73,7 +73,7 @@ def test_installs_offline_and_serves(artifact: Path, tmp_path: Path) -> None:
         check=False,
     )
     assert check.returncode == 0, check.stderr
-    assert "ok: 4 model(s)" in check.stdout
+    assert "ok: 5 model(s)" in check.stdout
     # The C request parser, built into the artifact from its source (no Linux wheel exists).
     assert any(name.startswith("wheels/gunicorn_h1c-") for name in manifest["files"])
     parser = subprocess.run(

@@ -307,7 +307,7 @@ def test_logs_are_json_with_request_lines(server: Server) -> None:
     assert line["timestamp"].endswith("Z")
     assert any(x.get("event") == "auth_open" and x["level"] == "warning" for x in lines)
     listening = next(x for x in lines if x.get("event") == "listening")
-    assert set(listening["models"]) == {"mlp", "regression", "sentiment", "tabular"}
+    assert set(listening["models"]) == {"digits", "mlp", "regression", "sentiment", "tabular"}
 
 
 def test_readiness_comes_after_warm_up(tmp_path: Path) -> None:
@@ -324,7 +324,7 @@ def test_readiness_comes_after_warm_up(tmp_path: Path) -> None:
     assert first_ready <= ready_at
     for pid in booted:
         warmed = [x for x in lines if x.get("event") == "model_ready" and x["pid"] == pid]
-        assert len(warmed) == 5
+        assert len(warmed) == 6
         assert max(_ts(x["timestamp"]) for x in warmed) <= _ts(booted[pid]["timestamp"])
     assert first_ready - srv.started > 0.05  # the warm-up really took time before readiness
 

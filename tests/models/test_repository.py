@@ -25,7 +25,7 @@ def scan(root: Path) -> Repository:
 
 def test_demo_repository_layout() -> None:
     repo = scan(DEMO_MODELS)
-    assert repo.names == ["mlp", "regression", "sentiment", "tabular"]
+    assert repo.names == ["digits", "mlp", "regression", "sentiment", "tabular"]
     assert repo.entry("tabular").default_version == 2  # from model.toml
     assert repo.entry("tabular").config.labels == ["malignant", "benign"]
     assert not repo.ready
@@ -287,3 +287,42 @@ def test_text_models_take_no_cache(tmp_path: Path) -> None:
     (tmp_path / "m" / "model.toml").write_text('[text]\ntask = "embedding"\n[cache]\n')
     with pytest.raises(RepositoryError, match=r"\[cache\] is for tensor models"):
         scan(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("toml", "fragment"),
+    [
+        ('[image]\nformats = ["PNG", "HEIC"]', r"formats \['HEIC'\] are not among"),
+        ("[image]\nformats = []", "are not among"),
+        ("[image]\nmax_pixels = 0", "max_pixels"),
+        ("[image]\nmax_pixels = 1_000_000_000", "max_pixels"),
+        ("[image]\nmax_images = 0", "max_images"),
+        ("[image]\ncolour = true", "unknown field"),
+        (
+            '[image]\n[text]\ntask = "embedding"',
+            r"one of \[text\].*this one has \[text\], \[image\]",
+        ),
+        ("[image]\n[batching]\nmax_batch_size = 4", r"\[batching\] and \[cache\] are for tensor"),
+        ("[image]\n[cache]\nmax_entries = 4", r"\[batching\] and \[cache\] are for tensor"),
+    ],
+)
+def test_bad_image_config(tmp_path: Path, toml: str, fragment: str) -> None:
+    shutil.copytree(DEMO_MODELS / "digits", tmp_path / "digits")
+    (tmp_path / "digits" / "model.toml").write_text(toml)
+    with pytest.raises(RepositoryError, match=fragment):
+        scan(tmp_path)
+
+
+def test_the_repository_serves_image_models(tmp_path: Path) -> None:
+    shutil.copytree(DEMO_MODELS / "digits", tmp_path / "digits")
+    onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "plain")
+    repo = scan(tmp_path)
+    assert repo.image_names == ["digits"]
+    repo.load()  # warms each image model up with Pillow too
+    runner = repo.image("digits")
+    assert runner.options.formats == ("PNG", "JPEG")
+    assert runner.signature.inputs[0].raw
+    with pytest.raises(ModelNotFound, match="does not take images"):
+        repo.image("plain")
+    with pytest.raises(ModelNotFound, match="has no version '2'"):
+        repo.image("digits", "2")

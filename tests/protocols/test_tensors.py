@@ -97,3 +97,15 @@ def test_bad_binary_tensors(
 def test_json_data_is_flat() -> None:
     assert to_json_data(np.array([[1, 2], [3, 4]])).tolist() == [1, 2, 3, 4]
     assert to_json_data(np.array([b"a", "b"], dtype=object)) == ["a", "b"]
+
+
+def test_raw_bytes_stay_binary() -> None:
+    png = b"\x89PNG\r\n\x1a\n\xff\x00"
+    packed = struct.pack("<I", len(png)) + png + struct.pack("<I", 1) + b"a"
+    binary = array_from_bytes("image", memoryview(packed), "BYTES", (2,), raw_bytes=True)
+    assert binary.tolist() == [png, b"a"]
+    # In JSON, binary elements come base64-encoded.
+    encoded = ["iVBORw0KGgr/AA==", "YQ=="]
+    assert array_from_json("image", encoded, "BYTES", (2,), raw_bytes=True).tolist() == [png, b"a"]
+    with pytest.raises(InvalidInput, match="element 1 is not base64"):
+        array_from_json("image", ["YQ==", "not base64!"], "BYTES", (2,), raw_bytes=True)

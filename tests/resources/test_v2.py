@@ -285,6 +285,7 @@ class TestRepositoryIndex:
         result = client.simulate_post("/v2/repository/index")
         assert result.status_code == 200
         assert {(m["name"], m["version"]) for m in result.json} == {
+            ("digits", "1"),
             ("mlp", "1"),
             ("regression", "1"),
             ("sentiment", "1"),
@@ -295,7 +296,7 @@ class TestRepositoryIndex:
 
     def test_ready_filter(self, client: TestClient) -> None:
         result = client.simulate_post("/v2/repository/index", json={"ready": True})
-        assert len(result.json) == 5
+        assert len(result.json) == 6
 
     def test_no_load_or_unload(self, client: TestClient) -> None:
         for action in ("load", "unload"):

@@ -26,7 +26,7 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
 
 def test_the_master_validates_settings_repository_and_keys(tmp_path: Path) -> None:
     app = ApplianceApplication(write_config(tmp_path), {}, runtime=tmp_path / "run")
-    assert app.state.repository.names == ["mlp", "regression", "sentiment", "tabular"]
+    assert app.state.repository.names == ["digits", "mlp", "regression", "sentiment", "tabular"]
     assert app.state.limiter_path is None  # no keys, no rate-limit state
     with pytest.raises(StartupError, match=r"auth\.required is set"):
         ApplianceApplication(write_config(tmp_path, "required = true\n"), {}, runtime=tmp_path)

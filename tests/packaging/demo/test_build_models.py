@@ -12,10 +12,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
+from PIL import Image
 
 from tests.conftest import DEMO_MODELS, ROOT
 
-MODELS = ("tabular/1", "tabular/2", "regression/1", "sentiment/1", "mlp/1")
+MODELS = ("tabular/1", "tabular/2", "regression/1", "sentiment/1", "mlp/1", "digits/1")
+SAMPLES = ROOT / "packaging" / "demo" / "digits"
 # One float32 step at the larger of two values is at most 2**-23 of it; 2**-22 covers the
 # step measured from the smaller one.
 FLOAT32_STEP = 2.0**-22
@@ -29,7 +31,12 @@ def rebuilt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo repository built again by its script on this machine."""
     out = tmp_path_factory.mktemp("rebuilt")
     subprocess.run(
-        [sys.executable, str(ROOT / "packaging" / "demo" / "build_models.py"), str(out)],
+        [
+            sys.executable,
+            str(ROOT / "packaging" / "demo" / "build_models.py"),
+            str(out),
+            str(out / "samples"),
+        ],
         check=True,
         capture_output=True,
         timeout=300,
@@ -80,9 +87,9 @@ def test_rebuilt_models_have_the_bundled_graphs_and_parameters(rebuilt: Path) ->
                 atol=FLOAT64_SOLVE * float(np.abs(want).max(initial=0.0)),
                 err_msg=f"{name}: {label}",
             )
-    assert (rebuilt / "tabular" / "model.toml").read_text() == (
-        DEMO_MODELS / "tabular" / "model.toml"
-    ).read_text()
+    for name in ("tabular", "digits"):
+        config = (rebuilt / name / "model.toml").read_text()
+        assert config == (DEMO_MODELS / name / "model.toml").read_text()
 
 
 def test_rebuilt_models_predict_like_the_bundled_ones(rebuilt: Path) -> None:
@@ -101,6 +108,7 @@ def test_rebuilt_models_predict_like_the_bundled_ones(rebuilt: Path) -> None:
         "regression/1": {"input": rng.normal(0, 0.05, (8, 10)).astype(np.float32)},
         "sentiment/1": {"text": np.array([["great product"], ["rude staff"]], dtype=object)},
         "mlp/1": {"input": rng.normal(0, 1, (4, 256)).astype(np.float32)},
+        "digits/1": {"image": rng.integers(0, 256, (3, 40, 30, 3), dtype=np.uint8)},
     }
     for model, feed in feeds.items():
         bundled = _run(DEMO_MODELS / model / "model.onnx", feed)
@@ -122,3 +130,37 @@ def test_sentiment_model_separates_held_out_sentences() -> None:
         {"text": np.array(texts, dtype=object).reshape(-1, 1)},
     )
     assert label.tolist() == ["positive", "negative"]
+
+
+def _picture(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_digit_samples_are_the_data_sets_pictures_and_classified_right(rebuilt: Path) -> None:
+    """The bundled samples are what the script draws, and the model reads each correctly."""
+    model = DEMO_MODELS / "digits" / "1" / "model.onnx"
+    for digit in range(10):
+        bundled = _picture(SAMPLES / f"{digit}.png")
+        assert np.array_equal(bundled, _picture(rebuilt / "samples" / f"{digit}.png"))
+        (label,), _ = _run(model, {"image": bundled[None]})
+        assert label == digit
+
+
+def test_digits_graph_reads_pictures_as_the_data_set_features() -> None:
+    """Over the whole data set drawn as pictures, the graph's preprocessing gives back the
+    8x8 features it was trained on: the labels agree with the classifier on the features
+    wherever the classifier is not near a tie, whatever the picture's size or polarity."""
+    sys.path.insert(0, str(ROOT / "packaging" / "demo"))
+    import build_models
+
+    pictures, labels = build_models.digits_pictures()
+    session = ort.InferenceSession(str(DEMO_MODELS / "digits" / "1" / "model.onnx"))
+    predicted, _ = session.run(None, {"image": pictures})
+    assert (predicted == labels).mean() > 0.95  # training and held-out pictures together
+    # Light ink on dark paper, and a picture eight times larger, read the same.
+    inverted, _ = session.run(None, {"image": 255 - pictures[:200]})
+    assert inverted.tolist() == predicted[:200].tolist()
+    large = np.stack([np.kron(p, np.ones((4, 4, 1), np.uint8)) for p in pictures[:50]])
+    enlarged, _ = session.run(None, {"image": large})
+    assert enlarged.tolist() == predicted[:50].tolist()
