@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
 import re
@@ -98,9 +99,12 @@ class Workload:
     model: str
     inputs: list[dict[str, Any]]
     texts: tuple[str, ...] = ()  # a text workload: sentences per request
+    files: tuple[tuple[str, bytes], ...] = ()  # an upload workload: (name, image) per request
 
     @property
     def feeds(self) -> dict[str, np.ndarray]:
+        if self.files:  # what the graph gets once the appliance has decoded the upload
+            return {"image": np.stack([_pixels(data) for _, data in self.files])}
         dtypes = {"FP32": np.float32, "BYTES": object}
         return {
             t["name"]: np.array(t["data"], dtype=dtypes[t["datatype"]]).reshape(t["shape"])
@@ -128,6 +132,38 @@ SENTENCES = (
     "Customer asked for a refund after the package arrived damaged.",
     "Machine learning models need careful evaluation on held-out data.",
 )
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _photo_of_a_digit() -> bytes:
+    """A sample digit as a camera or scanner would send it: 224x224 JPEG."""
+    from PIL import Image
+
+    with Image.open(ROOT / "packaging" / "demo" / "digits" / "7.png") as sample:
+        buffer = io.BytesIO()
+        sample.convert("RGB").resize((224, 224), Image.BICUBIC).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+MULTIPART_BOUNDARY = "onnx-appliance-bench"
+
+
+def multipart(files: tuple[tuple[str, bytes], ...]) -> bytes:
+    """A multipart/form-data body with each file as a ``file`` part."""
+    out = b""
+    for name, data in files:
+        head = (
+            f'--{MULTIPART_BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="{name}"\r\nContent-Type: image/jpeg\r\n\r\n'
+        )
+        out += head.encode() + data + b"\r\n"
+    return out + f"--{MULTIPART_BOUNDARY}--\r\n".encode()
 
 
 def workloads() -> list[Workload]:
@@ -159,6 +195,8 @@ def workloads() -> list[Workload]:
         # One short sentence per request, and 32 per request.
         Workload("embed_1", "minilm", [], SENTENCES[:1]),
         Workload("embed_32", "minilm", [], SENTENCES * 4),
+        # One photo of a digit per request, uploaded as a form (the appliance's own route).
+        Workload("upload_digits", "digits", [], files=(("seven.jpg", _photo_of_a_digit()),)),
     ]
 
 
@@ -179,12 +217,21 @@ class Config:
     def supports(self, workload: Workload) -> bool:
         return self.models is None or workload.model in self.models
 
+    def content_type(self, workload: Workload) -> str:
+        if workload.files:
+            return f"multipart/form-data; boundary={MULTIPART_BOUNDARY}"
+        return "application/json"
+
     def path(self, workload: Workload) -> str:
+        if workload.files:
+            return f"/v1/models/{workload.model}:classify"
         if workload.texts:
             return "/embeddings" if self.envelope == "openai" else "/embed"
         return "/infer" if self.envelope == "bentoml" else f"/v2/models/{workload.model}/infer"
 
     def body(self, workload: Workload) -> bytes:
+        if workload.files:
+            return multipart(workload.files)
         if workload.texts:
             if self.envelope == "openai":
                 return json.dumps({"model": "minilm", "input": list(workload.texts)}).encode()
@@ -281,7 +328,7 @@ def prepare_models(workdir: Path) -> dict[str, Path]:
     """Model repositories for the configurations: the same three models for everyone."""
     # The peers load <name>/1/model.onnx; the appliance serves that same layout.
     plain = workdir / "models"
-    for name in ("mlp", "sentiment"):
+    for name in ("mlp", "sentiment", "digits"):
         shutil.copytree(DEMO / name, plain / name)
     (plain / "tabular" / "1").mkdir(parents=True)
     shutil.copy(DEMO / "tabular" / "2" / "model.onnx", plain / "tabular" / "1" / "model.onnx")
@@ -536,9 +583,11 @@ _LAB_TLS.check_hostname = False
 _LAB_TLS.verify_mode = ssl.CERT_NONE
 
 
-def post(url: str, body: bytes, timeout: float = 10) -> tuple[int, bytes]:
+def post(
+    url: str, body: bytes, timeout: float = 10, content_type: str = "application/json"
+) -> tuple[int, bytes]:
     request = urllib.request.Request(
-        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        url, data=body, method="POST", headers={"Content-Type": content_type}
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=_LAB_TLS) as resp:
@@ -557,7 +606,7 @@ def wait_first_200(running: Running, workload: Workload, timeout: float = 180) -
     while time.monotonic() < deadline:
         if running.process.poll() is not None:
             raise RuntimeError(f"{running.config.name} exited; see {running.log_file}")
-        status, _ = post(url, body, timeout=5)
+        status, _ = post(url, body, 5, running.config.content_type(workload))
         if status == 200:
             return time.monotonic() - running.started
         time.sleep(0.02)
@@ -701,10 +750,12 @@ def run_wrk(
     running: Running, workload: Workload, concurrency: int, duration: float, workdir: Path
 ) -> tuple[float, float, float, int, int, float]:
     script = workdir / "wrk.lua"
-    body = running.config.body(workload).decode()
+    payload = workdir / "body.bin"  # any bytes (a JPEG's too), read by the script as they are
+    payload.write_bytes(running.config.body(workload))
     script.write_text(
-        'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-        f"wrk.body = {json.dumps(body)}\n"
+        'wrk.method = "POST"\n'
+        f'wrk.headers["Content-Type"] = "{running.config.content_type(workload)}"\n'
+        f'local file = io.open("{payload}", "rb")\nwrk.body = file:read("*a")\nfile:close()\n'
     )
     pids = tree(running.process.pid)
     before = cpu_seconds(pids)
@@ -734,11 +785,23 @@ def run_wrk(
 
 def check_answer(running: Running, workload: Workload, repos: dict[str, Path]) -> str:
     """'' when the answer matches in-process onnxruntime (or is a 200 for the floor)."""
-    status, body = post(running.base + running.config.path(workload), running.config.body(workload))
+    status, body = post(
+        running.base + running.config.path(workload),
+        running.config.body(workload),
+        content_type=running.config.content_type(workload),
+    )
     if status != 200:
         return f"status {status}"
     if not running.config.exact:
         return ""
+    if workload.files:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(DEMO / workload.model / "1" / "model.onnx"))
+        labels, _ = session.run(None, workload.feeds)
+        got = [r["predictions"][0]["label"] for r in json.loads(body)["results"]]
+        wanted = [str(v) for v in labels.tolist()]
+        return "" if got == wanted else f"labels {got} differ from onnxruntime's {wanted}"
     if workload.texts:
         doc = json.loads(body)
         rows = [d["embedding"] for d in doc["data"]] if isinstance(doc, dict) else doc
