@@ -152,7 +152,19 @@ class Authenticator:
         """
         if not self._keys.enabled or req.path in OPEN_PATHS or req.method == "OPTIONS":
             return
-        token = _presented_key(req)
+        req.context.key_id = self.admit(_presented_key(req))
+
+    def admit(self, token: str) -> str:
+        """Check a presented key and take a token from its bucket (every front does this).
+
+        Returns:
+            The key's id ("" when no keys are configured).
+
+        Raises:
+            ApiError: UNAUTHENTICATED, or RATE_LIMITED with the seconds to wait.
+        """
+        if not self._keys.enabled:
+            return ""
         key = self._keys.verify(token) if token else None
         if key is None:
             raise ApiError(
@@ -160,10 +172,9 @@ class Authenticator:
                 "a valid API key is required: send Authorization: Bearer <key> or X-API-Key",
                 {"WWW-Authenticate": 'Bearer realm="onnx-appliance"'},
             )
-        req.context.key_id = key.id
         structlog.contextvars.bind_contextvars(key_id=key.id)
         if self._limiter is None:
-            return
+            return key.id
         rate = self._rate if key.rate is None else key.rate
         burst = self._burst if key.burst is None else key.burst
         wait = self._limiter.take(self._keys.slots[key.id], rate, burst)
@@ -173,6 +184,7 @@ class Authenticator:
                 f"rate limit of {rate:g} requests per second for this key exceeded",
                 {"Retry-After": retry_after(wait)},
             )
+        return key.id
 
 
 def _presented_key(req: falcon.Request) -> str:

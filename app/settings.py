@@ -100,6 +100,10 @@ class ServerSettings(_Section):
         http_parser: How requests are parsed: ``fast`` (gunicorn_h1c, in C), ``python``
             (gunicorn's own), or ``auto`` (fast when gunicorn_h1c is installed, as it is
             with the appliance).
+        grpc_bind: ``host:port`` where every worker also serves the Open Inference Protocol
+            over gRPC ("" for no gRPC); loopback only, like ``bind``.
+        grpc_threads: Calls one worker's gRPC server handles at once (greenlets in gevent
+            workers); more wait for a free one.
     """
 
     bind: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:8000"])
@@ -124,6 +128,8 @@ class ServerSettings(_Section):
     pidfile: str = ""
     reload_timeout: int = 120
     http_parser: Literal["auto", "fast", "python"] = "auto"
+    grpc_bind: str = ""
+    grpc_threads: int = 16
 
 
 class ModelsSettings(_Section):
@@ -303,6 +309,7 @@ def _check(settings: Settings, check_repository: bool) -> None:
         "server.max_requests": (s.max_requests, 0, 1_000_000_000),
         "server.max_requests_jitter": (s.max_requests_jitter, 0, 1_000_000_000),
         "server.reload_timeout": (s.reload_timeout, 1, 3600),
+        "server.grpc_threads": (s.grpc_threads, 1, MAX_REQUEST_THREADS),
         "models.warmup_runs": (settings.models.warmup_runs, 0, MAX_WARMUP_RUNS),
         "limits.max_body_bytes": (limits.max_body_bytes, 1, MAX_BODY_BYTES),
         "limits.max_batch_rows": (limits.max_batch_rows, 1, MAX_BATCH_ROWS),
@@ -325,6 +332,10 @@ def _check(settings: Settings, check_repository: bool) -> None:
         raise SettingsError("server.bind is empty: give at least one address")
     for address in s.bind:
         _check_bind(address, s.allow_non_loopback)
+    if s.grpc_bind:
+        if s.grpc_bind.startswith("unix:"):
+            raise SettingsError("server.grpc_bind takes host:port, not a unix socket")
+        _check_bind(s.grpc_bind, s.allow_non_loopback, "server.grpc_bind")
     for origin in settings.cors.allow_origins:
         if not _ORIGIN_RE.match(origin):
             raise SettingsError(
@@ -349,20 +360,18 @@ def _installed(module: str) -> bool:
     return True
 
 
-def _check_bind(address: str, allow_non_loopback: bool) -> None:
+def _check_bind(address: str, allow_non_loopback: bool, key: str = "server.bind entry") -> None:
     match = _BIND_RE.match(address)
     if not match:
-        raise SettingsError(
-            f"server.bind entry {address!r} is invalid: use host:port or unix:/absolute/path"
-        )
+        raise SettingsError(f"{key} {address!r} is invalid: use host:port or unix:/absolute/path")
     if address.startswith("unix:"):
         return
     host, port = match.group("host").strip("[]"), int(match.group("port"))
     if not 1 <= port <= 65_535:
-        raise SettingsError(f"server.bind entry {address!r} has port {port}: use 1 to 65535")
+        raise SettingsError(f"{key} {address!r} has port {port}: use 1 to 65535")
     if not allow_non_loopback and not is_loopback(host):
         raise SettingsError(
-            f"server.bind entry {address!r} is not a loopback address: NGINX is what faces "
+            f"{key} {address!r} is not a loopback address: NGINX is what faces "
             "the network; set server.allow_non_loopback = true to listen there anyway"
         )
 

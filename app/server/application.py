@@ -19,6 +19,7 @@ from gunicorn.app.base import BaseApplication
 
 from app.keys import KeyFileError, KeyStore
 from app.metrics import Metrics
+from app.middleware import Authenticator
 from app.models.errors import RepositoryError
 from app.models.runner import Runner
 from app.ratelimit import RateLimiter, create_state
@@ -67,6 +68,8 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
         self.previous = self.state
         #: How this process's worker class runs models (set by the post_fork hook).
         self.runner: type[Runner] = Runner
+        #: This worker's gRPC server, when server.grpc_bind asks for one.
+        self.grpc_server: Any = None
         super().__init__()
 
     def _prepare(self, generation: int, settings: Settings | None = None) -> ServingState:
@@ -132,10 +135,19 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
         metrics.models_loaded.set(sum(1 for _ in repository.models()))
         metrics.worker_starts.inc()
         limiter = RateLimiter(state.limiter_path) if state.limiter_path else None
+        app = create_app(state.settings, repository, metrics, state.keys, limiter)
+        if state.settings.server.grpc_bind:
+            from app.server.grpc import start_server
+
+            auth = state.settings.auth
+            gate = Authenticator(state.keys, limiter, auth.rate, auth.burst)
+            try:
+                self.grpc_server = start_server(state.settings, repository, metrics, gate)
+            except OSError as exc:
+                log.error("worker_boot_failed", error=str(exc))
+                raise SystemExit(WORKER_BOOT_ERROR) from None
         log.info("worker_ready", models=repository.names, generation=state.generation)
-        return closing_connections(
-            create_app(state.settings, repository, metrics, state.keys, limiter)
-        )
+        return closing_connections(app)
 
     def run(self) -> None:
         """Listen, then run our arbiter until the master is told to stop.
