@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 from app.settings import SettingsError, cpu_count, load_settings, thread_limit
+from tests.conftest import DEMO_MODELS, make_settings
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -171,3 +173,18 @@ def test_thread_bound_follows_the_cores(tmp_path: Path) -> None:
     assert ok.server.intra_op_threads == limit
     with pytest.raises(SettingsError, match=f"must be from 0 to {limit}"):
         load_settings(write(tmp_path, base + f"intra_op_threads = {limit + 1}\n"), env={})
+
+
+@pytest.mark.parametrize(
+    ("grpc_bind", "fragment"),
+    [
+        ("10.0.0.1:8001", "server.grpc_bind '10.0.0.1:8001' is not a loopback address"),
+        ("unix:/run/x.sock", "takes host:port, not a unix socket"),
+        ("127.0.0.1:0", "has port 0"),
+        ("nonsense", "is invalid"),
+    ],
+)
+def test_grpc_bind_is_checked_like_bind(grpc_bind: str, fragment: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(fragment)):
+        make_settings(DEMO_MODELS, server={"grpc_bind": grpc_bind})
+    assert make_settings(DEMO_MODELS, server={"grpc_bind": "127.0.0.1:8001"}).server.grpc_bind
