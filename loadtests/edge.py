@@ -182,6 +182,7 @@ def run_edge(tmp: Path, socket_path: str, **overrides: Any) -> Iterator[Edge]:
         "nginx_site_upstream_socket": socket_path,
         "nginx_site_upstream_keepalive": 64,
         "nginx_site_upstream_timeout": 60,
+        "nginx_site_grpc_upstream": "",
         "nginx_site_stream_timeout": 600,
         "nginx_site_access_log": prefix / "access.log",
         **overrides,

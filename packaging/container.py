@@ -48,6 +48,8 @@ def site_variables(server_name: str, metrics_allow: list[str]) -> dict[str, Any]
         "nginx_site_upstream_socket": SOCKET,
         "nginx_site_access_log": "/dev/stdout",  # the engine keeps the logs
         "nginx_site_metrics_allow": metrics_allow,
+        # The app is in another container, reached on a unix socket; gRPC stays off there.
+        "nginx_site_grpc_upstream": "",
     }
     variables = {**defaults, **overrides}
     for name, value in variables.items():
