@@ -28,10 +28,12 @@ def grpc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("grpc")
     keys = tmp / "api-keys"
     key = add_key(keys, "ci")
+    # The reload test's load outruns the default rate of 100 requests a second.
+    load_key = add_key(keys, "load", "--rate", "1000000", "--burst", "1000000")
     port = free_port()
     conf = f'grpc_bind = "127.0.0.1:{port}"'
     with run_server(tmp, server_conf=conf, config=f'[auth]\nkeys_file = "{keys}"\n') as server:
-        server.extra.update(grpc=f"127.0.0.1:{port}", key=key)
+        server.extra.update(grpc=f"127.0.0.1:{port}", key=key, load_key=load_key)
         yield server
 
 
@@ -146,10 +148,12 @@ def test_reload_under_grpc_load_loses_no_call(grpc_server: Server) -> None:
     outcomes: list[str] = []
     stop = threading.Event()
 
+    headers = {"x-api-key": grpc_server.extra["load_key"]}
+
     def load() -> None:
         while not stop.is_set() and len(outcomes) < 5000:
             try:
-                client.infer("tabular", [rows], headers=_auth(grpc_server))
+                client.infer("tabular", [rows], headers=headers)
                 outcomes.append("ok")
             except InferenceServerException as exc:
                 outcomes.append(str(exc.status()))
