@@ -4,9 +4,9 @@ A debootstrapped bookworm root (cached between runs) is provisioned by the real 
 the community.general.chroot connection with the `make dist` artifact, then booted with
 systemd-nspawn (systemd as PID 1, private network: loopback only). A one-shot unit asserts from
 inside: both services active, an HTTPS prediction through NGINX over HTTP/2 verified against
-the lab certificate, /metrics refused outside its allow-list, and `systemctl reload` during a
-burst of requests losing none; then it powers the container off and the result is read from a
-file in the root. A second playbook run must change nothing.
+the lab certificate, /metrics refused outside its allow-list, a gRPC inference through NGINX,
+and `systemctl reload` during a burst of requests losing none; then it powers the container
+off and the result is read from a file in the root. A second playbook run must change nothing.
 """
 
 from __future__ import annotations
@@ -57,6 +57,21 @@ r=$($C --http2 -o /tmp/prediction -w '%{{http_code}} %{{http_version}}' -H "$JSO
 grep -q '"model_name":"tabular"' /tmp/prediction || fail "prediction body"
 m=$($C -o /dev/null -w '%{{http_code}}' https://appliance.test/metrics)
 [ "$m" = 403 ] || fail "metrics answered $m outside the allow-list"
+# The Open Inference Protocol over gRPC through NGINX (HTTP/2, TLS) to the workers.
+/opt/onnx-appliance/current/venv/bin/python - <<'PY' || fail "gRPC inference through NGINX"
+import grpc
+from app.protocols.grpc import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
+with open("/etc/nginx/tls/onnx-appliance.crt", "rb") as f:
+    creds = grpc.ssl_channel_credentials(f.read())
+options = [("grpc.ssl_target_name_override", "appliance.test")]
+stub = pb_grpc.GRPCInferenceServiceStub(grpc.secure_channel("127.0.0.1:443", creds, options))
+request = pb.ModelInferRequest(model_name="tabular")
+request.inputs.add(name="input", datatype="FP32", shape=[1, 30]).contents.fp32_contents.extend(
+    [0.5] * 30
+)
+answer = stub.ModelInfer(request, timeout=20)
+assert answer.model_name == "tabular" and len(answer.outputs) == 2, answer
+PY
 ( i=0; while [ $i -lt 120 ]; do
     $C -o /dev/null -w '%{{http_code}}\\n' -H "$JSON" -d "$BODY" $URL
     i=$((i+1)); done > /tmp/burst ) &
