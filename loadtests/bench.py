@@ -259,6 +259,8 @@ CONFIGS = [
     Config("appliance-cached", models=TENSOR_MODELS),
     Config("appliance-gthread"),
     Config("appliance-pyparser"),
+    # The same server, loaded over OIP gRPC (h2load: HTTP/2 frames, no Python client in the way).
+    Config("appliance-grpc", models=TENSOR_MODELS, envelope="grpc"),
     Config("appliance-nginx"),
     Config("appliance-baseline"),
 ]
@@ -403,6 +405,7 @@ class Running:
     edge: contextlib.ExitStack | None = None
     scheme: str = "http"
     host: str = "127.0.0.1"
+    grpc: str = ""  # host:port of the gRPC server, for appliance-grpc
 
     @property
     def base(self) -> str:
@@ -518,6 +521,7 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
             cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     running = Running(config, process, port, started, log_file)
+    running.grpc = env.get("ONNX_APPLIANCE_SERVER__GRPC_BIND", "")
     if config.name == "appliance-nginx":
         # NGINX with TLS in front, over the unix socket, as deployed (lab certificate).
         from loadtests.edge import run_edge
@@ -564,6 +568,8 @@ def _appliance_command(
         cmd += ["--worker-class", "gthread"]
     if config.name == "appliance-pyparser":  # gunicorn's Python request parser
         env["ONNX_APPLIANCE_SERVER__HTTP_PARSER"] = "python"
+    if config.envelope == "grpc":
+        env["ONNX_APPLIANCE_SERVER__GRPC_BIND"] = f"127.0.0.1:{free_port()}"
     cwd = ROOT
     if config.name == "appliance-baseline":
         # The same command with the baseline's package first on the path.
@@ -783,8 +789,93 @@ def run_wrk(
     return rps, p50, p99, total, errors, cpu_us
 
 
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def grpc_request(workload: Workload) -> bytes:
+    """The workload as one serialized ``ModelInferRequest`` with raw tensor contents."""
+    from app.protocols.grpc import inference_pb2 as pb
+    from app.protocols.tensors import array_to_bytes
+
+    request = pb.ModelInferRequest(model_name=workload.model)
+    for tensor in workload.inputs:
+        request.inputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
+        array = workload.feeds[tensor["name"]]
+        request.raw_input_contents.append(array_to_bytes(array, tensor["datatype"]))
+    return request.SerializeToString()  # type: ignore[no-any-return]
+
+
+def run_h2load(
+    running: Running, workload: Workload, concurrency: int, duration: float, workdir: Path
+) -> tuple[float, float, float, int, int, float]:
+    """Like :func:`run_wrk`, over gRPC: one stream at a time per connection, as wrk has one
+    request in flight per connection."""
+    message = grpc_request(workload)
+    payload = workdir / "grpc.bin"  # gRPC framing: not compressed, 4-byte big-endian length
+    payload.write_bytes(b"\x00" + len(message).to_bytes(4, "big") + message)
+    timings = workdir / "h2load.log"
+    pids = tree(running.process.pid)
+    before = cpu_seconds(pids)
+    result = subprocess.run(
+        ["h2load", "-t1", f"-c{concurrency}", "-m1", f"-D{max(1, round(duration))}",
+         "-d", str(payload), "-H", "content-type: application/grpc", "-H", "te: trailers",
+         f"--log-file={timings}", f"http://{running.grpc}{GRPC_INFER}"],
+        capture_output=True, text=True, timeout=duration + 60, check=True,
+    )  # fmt: skip
+    used = cpu_seconds(pids) - before
+    text = result.stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text).group(1))  # type: ignore[union-attr]
+    counts = re.search(
+        r"requests: (\d+) total.*?(\d+) succeeded, (\d+) failed, (\d+) errored", text
+    )
+    total, succeeded = int(counts.group(1)), int(counts.group(2))  # type: ignore[union-attr]
+    elapsed = sorted(int(line.split("\t")[2]) for line in timings.read_text().splitlines() if line)
+    p50 = elapsed[len(elapsed) // 2] / 1000 if elapsed else float("nan")
+    p99 = (
+        elapsed[min(len(elapsed) - 1, int(len(elapsed) * 0.99))] / 1000 if elapsed else float("nan")
+    )
+    cpu_us = used / succeeded * 1e6 if succeeded else float("nan")
+    return rps, p50, p99, succeeded, total - succeeded, cpu_us
+
+
+def run_load(
+    running: Running, workload: Workload, concurrency: int, duration: float, workdir: Path
+) -> tuple[float, float, float, int, int, float]:
+    """Load the server with wrk, or with h2load over gRPC."""
+    if running.config.envelope == "grpc":
+        return run_h2load(running, workload, concurrency, duration, workdir)
+    return run_wrk(running, workload, concurrency, duration, workdir)
+
+
+def check_grpc_answer(running: Running, workload: Workload) -> str:
+    """'' when a gRPC inference (through the generated stub) matches onnxruntime."""
+    import grpc
+    import onnxruntime as ort
+
+    from app.protocols.grpc import inference_pb2 as pb
+    from app.protocols.grpc import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(running.grpc) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        answer = stub.ModelInfer(
+            pb.ModelInferRequest.FromString(grpc_request(workload)), timeout=30
+        )
+    model = DEMO / workload.model / ("2" if workload.model == "tabular" else "1") / "model.onnx"
+    expected = ort.InferenceSession(str(model)).run(None, workload.feeds)[0]
+    got = answer.raw_output_contents[0]
+    if expected.dtype == object:
+        from app.protocols.tensors import array_to_bytes
+
+        same = got == array_to_bytes(expected, "BYTES")
+    else:
+        same = got == np.ascontiguousarray(expected, expected.dtype.newbyteorder("<")).tobytes()
+    return "" if same else "gRPC answer differs from onnxruntime's"
+
+
 def check_answer(running: Running, workload: Workload, repos: dict[str, Path]) -> str:
     """'' when the answer matches in-process onnxruntime (or is a 200 for the floor)."""
+    if running.config.envelope == "grpc":
+        return check_grpc_answer(running, workload)
     status, body = post(
         running.base + running.config.path(workload),
         running.config.body(workload),
@@ -926,6 +1017,8 @@ def measure(args: argparse.Namespace) -> Report:
     )
     for config in configs:
         ensure_peer(config)
+        if config.envelope == "grpc" and shutil.which("h2load") is None:
+            config.skipped = "h2load is not installed (apt-get install nghttp2-client)"
         if config.skipped:
             report.skipped[config.name] = config.skipped
             log(f"SKIP {config.name}: {config.skipped}")
@@ -954,7 +1047,7 @@ def measure(args: argparse.Namespace) -> Report:
                             report.failures.append(f"{config.name}/{workload.name}: {problem}")
                             log(f"FAIL {config.name} {workload.name}: {problem}")
                         # Warm-up, not recorded.
-                        run_wrk(
+                        run_load(
                             running,
                             workload,
                             max(args.concurrency),
@@ -963,7 +1056,7 @@ def measure(args: argparse.Namespace) -> Report:
                         )
                         for conc in args.concurrency:
                             done += 1
-                            rps, p50, p99, total, errors, cpu = run_wrk(
+                            rps, p50, p99, total, errors, cpu = run_load(
                                 running, workload, conc, args.duration, workdir
                             )
                             report.samples.append(

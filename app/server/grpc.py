@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -30,8 +30,10 @@ from app import __version__
 from app.errors import GRPC_STATUS, HTTP_STATUS, ApplianceError, ErrorCode
 from app.metrics import Metrics
 from app.middleware import Authenticator, request_id_from
-from app.models.errors import ModelNotReady
+from app.models.errors import InvalidInput, ModelNotReady
+from app.models.generation import TEXT_INPUT, TEXT_OUTPUT, Chunk, Generator
 from app.models.repository import Repository
+from app.models.signature import Signature
 from app.protocols.grpc import inference_pb2 as pb
 from app.protocols.grpc import inference_pb2_grpc as pb_grpc
 from app.protocols.grpc import oip
@@ -140,19 +142,40 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, requests: Iterator[pb.ModelInferRequest], context: Any
     ) -> Iterator[pb.ModelStreamInferResponse]:
         """Inferences on one stream, answered in order; a failed one answers its error
-        message and the stream goes on (Triton's behaviour)."""
+        message and the stream goes on (Triton's behaviour). A generation model answers
+        token by token, then with an empty response marked ``triton_final_response``."""
         for request in requests:
             try:
-                answer = self._call(
+                answers = self._call(
                     "ModelStreamInfer",
                     context,
-                    functools.partial(self._infer, request),
+                    functools.partial(self._stream_one, request),
                     stream=True,
                 )
+                for answer in answers:
+                    yield pb.ModelStreamInferResponse(infer_response=answer)
             except _StreamError as failed:
                 yield pb.ModelStreamInferResponse(error_message=failed.message)
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=answer)
+            except ApplianceError as exc:  # a generation that failed part way
+                log.info("stream_failed", error_code=exc.code.value, error=exc.message)
+                yield pb.ModelStreamInferResponse(error_message=exc.message)
+
+    def _stream_one(
+        self, request: pb.ModelInferRequest, call: _Call
+    ) -> Iterator[pb.ModelInferResponse]:
+        runner = call.label(
+            self._repository.get(request.model_name, request.model_version or None, call.request_id)
+        )
+        if not isinstance(runner, Generator):
+            return iter([self._infer(request, call)])
+        inference, _ = oip.parse_infer(request, runner.signature, self._limits.max_tensor_elements)
+        prompts = inference.inputs[TEXT_INPUT].reshape(-1)
+        if prompts.size != 1:
+            raise InvalidInput(f"stream one prompt per message in {TEXT_INPUT!r}")
+        ids = runner.prompt(str(prompts[0]))
+        sampling = runner.sampling(len(ids), **oip.sampling_parameters(request))
+        generation = runner.generate(ids, sampling, call.deadline(runner.timeout))
+        return _tokens(runner.signature, request.id, generation)
 
     def _infer(self, request: pb.ModelInferRequest, call: _Call) -> pb.ModelInferResponse:
         runner = call.label(
@@ -218,6 +241,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             version=call.version or None,
             key_id=call.key_id or None,
         )
+
+
+def _tokens(
+    signature: Signature, request_id: str, generation: Iterable[Chunk]
+) -> Iterator[pb.ModelInferResponse]:
+    """One response per piece of text, then the empty final one."""
+    for chunk in generation:
+        if not chunk.text:
+            continue  # held back while a stop sequence may be starting
+        answer = pb.ModelInferResponse(
+            model_name=signature.name, model_version=signature.version, id=request_id
+        )
+        tensor = answer.outputs.add(name=TEXT_OUTPUT, datatype="BYTES", shape=[1])
+        tensor.contents.bytes_contents.append(chunk.text.encode())
+        yield answer
+    final = pb.ModelInferResponse(
+        model_name=signature.name, model_version=signature.version, id=request_id
+    )
+    final.parameters["triton_final_response"].bool_param = True
+    yield final
 
 
 class _StreamError(Exception):

@@ -185,3 +185,34 @@ def test_metrics_count_grpc_calls_by_protocol(served) -> None:  # type: ignore[n
         "onnx_appliance_request_duration_seconds_count",
         {"route": route, "model": "tabular", "version": "2"},
     )
+
+
+def test_a_generation_model_streams_its_tokens(generation_repository: Repository) -> None:
+    settings = make_settings(DEMO_MODELS, server={"grpc_bind": f"127.0.0.1:{free_port()}"})
+    gate = Authenticator(KeyStore({}), None, 0, 1)
+    server = start_server(settings, generation_repository, Metrics(), gate)
+    try:
+        with grpc.insecure_channel(settings.server.grpc_bind) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            request = pb.ModelInferRequest(model_name="smollm2", id="g1")
+            prompt = request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+            prompt.contents.bytes_contents.append(b"The capital of France is")
+            request.parameters["max_tokens"].int64_param = 8
+            request.parameters["temperature"].double_param = 0.0
+            bad = pb.ModelInferRequest()
+            bad.CopyFrom(request)
+            bad.parameters["colour"].string_param = "red"
+            answers = list(stub.ModelStreamInfer(iter([request, bad]), timeout=120))
+    finally:
+        server.stop(grace=None)
+    *tokens, final, refused = answers
+    assert len(tokens) >= 2  # token by token, not one answer at the end
+    assert all(a.infer_response.id == "g1" for a in tokens)
+    text = "".join(a.infer_response.outputs[0].contents.bytes_contents[0].decode() for a in tokens)
+    generator = generation_repository.generator("smollm2")
+    ids = generator.prompt("The capital of France is")
+    alone = generator.generate(ids, generator.sampling(len(ids), max_tokens=8, temperature=0.0))
+    assert text == alone.text()
+    assert final.infer_response.parameters["triton_final_response"].bool_param
+    assert not final.infer_response.outputs
+    assert "unknown parameter 'colour'" in refused.error_message

@@ -124,6 +124,43 @@ def _from_contents(
     return wide.astype(target, copy=False).reshape(shape)
 
 
+#: Request parameters a generation stream reads, and the kind of value each must be.
+SAMPLING_PARAMETERS = {
+    "max_tokens": int,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "seed": int,
+}
+
+
+def sampling_parameters(request: pb.ModelInferRequest) -> dict[str, Any]:
+    """The sampling settings in a generation request's ``parameters``.
+
+    Raises:
+        InvalidInput: an unknown parameter or a value of the wrong kind.
+    """
+    out: dict[str, Any] = {}
+    for name, parameter in request.parameters.items():
+        if name.startswith("triton_"):
+            continue  # the client's own bookkeeping (e.g. empty final responses)
+        kind = SAMPLING_PARAMETERS.get(name)
+        if kind is None:
+            raise InvalidInput(
+                f"unknown parameter {name!r}; generation takes {', '.join(SAMPLING_PARAMETERS)}"
+            )
+        which = parameter.WhichOneof("parameter_choice")
+        value = getattr(parameter, which) if which else None
+        if (
+            which == "bool_param"
+            or not isinstance(value, int | float)
+            or (kind is int and not isinstance(value, int))
+        ):
+            raise InvalidInput(f"parameter {name!r} must be a number ({kind.__name__})")
+        out[name] = kind(value)
+    return out
+
+
 def encode_infer(
     signature: Signature, inference: Inference, results: dict[str, np.ndarray], raw: bool
 ) -> pb.ModelInferResponse:
