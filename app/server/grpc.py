@@ -168,14 +168,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         if not isinstance(runner, Generator):
             return iter([self._infer(request, call)])
-        inference, _ = oip.parse_infer(request, runner.signature, self._limits.max_tensor_elements)
+        inference, raw = oip.parse_infer(
+            request, runner.signature, self._limits.max_tensor_elements
+        )
         prompts = inference.inputs[TEXT_INPUT].reshape(-1)
         if prompts.size != 1:
             raise InvalidInput(f"stream one prompt per message in {TEXT_INPUT!r}")
         ids = runner.prompt(str(prompts[0]))
         sampling = runner.sampling(len(ids), **oip.sampling_parameters(request))
         generation = runner.generate(ids, sampling, call.deadline(runner.timeout))
-        return _tokens(runner.signature, request.id, generation)
+        return _tokens(runner.signature, request.id, generation, raw)
 
     def _infer(self, request: pb.ModelInferRequest, call: _Call) -> pb.ModelInferResponse:
         runner = call.label(
@@ -244,9 +246,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _tokens(
-    signature: Signature, request_id: str, generation: Iterable[Chunk]
+    signature: Signature, request_id: str, generation: Iterable[Chunk], raw: bool
 ) -> Iterator[pb.ModelInferResponse]:
-    """One response per piece of text, then the empty final one."""
+    """One response per piece of text (raw contents when the request was raw), then the
+    empty final one."""
     for chunk in generation:
         if not chunk.text:
             continue  # held back while a stop sequence may be starting
@@ -254,7 +257,11 @@ def _tokens(
             model_name=signature.name, model_version=signature.version, id=request_id
         )
         tensor = answer.outputs.add(name=TEXT_OUTPUT, datatype="BYTES", shape=[1])
-        tensor.contents.bytes_contents.append(chunk.text.encode())
+        piece = chunk.text.encode()
+        if raw:
+            answer.raw_output_contents.append(len(piece).to_bytes(4, "little") + piece)
+        else:
+            tensor.contents.bytes_contents.append(piece)
         yield answer
     final = pb.ModelInferResponse(
         model_name=signature.name, model_version=signature.version, id=request_id

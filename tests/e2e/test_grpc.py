@@ -4,6 +4,7 @@ NGINX with TLS in front (HTTP/2), and a reload under gRPC load that loses no cal
 
 from __future__ import annotations
 
+import queue
 import signal
 import threading
 from collections.abc import Iterator
@@ -169,3 +170,30 @@ def test_reload_under_grpc_load_loses_no_call(grpc_server: Server) -> None:
         worker.join(timeout=60)
     assert len(outcomes) > 20
     assert set(outcomes) == {"ok"}, {o: outcomes.count(o) for o in set(outcomes)}
+
+
+def test_tritonclient_streams_generated_tokens(generation_models_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    conf = f'grpc_bind = "127.0.0.1:{port}"'
+    with run_server(tmp_path, models=generation_models_dir, workers=1, server_conf=conf):
+        received: queue.Queue[Any] = queue.Queue()
+        client = tg.InferenceServerClient(f"127.0.0.1:{port}")
+        client.start_stream(callback=lambda result, error: received.put((result, error)))
+        prompt = np.array([b"The capital of France is"], dtype=object)
+        client.async_stream_infer(
+            "smollm2",
+            [_input("text_input", prompt, "BYTES")],
+            request_id="t1",
+            parameters={"max_tokens": 8, "temperature": 0.0},
+            enable_empty_final_response=True,
+        )
+        pieces: list[str] = []
+        while True:
+            result, error = received.get(timeout=120)
+            assert error is None, error
+            response = result.get_response()
+            if response.parameters["triton_final_response"].bool_param:
+                break
+            pieces.append(result.as_numpy("text_output")[0].decode())
+        client.stop_stream()
+    assert len(pieces) >= 2 and "Paris" in "".join(pieces)

@@ -1,5 +1,6 @@
-"""The committed modules are what grpc_tools.protoc makes of the committed .proto, and the
-service is the Open Inference Protocol's (package, names and field numbers are the wire)."""
+"""The committed modules are what packaging/generate_grpc.py makes of the committed .proto,
+the service is the Open Inference Protocol's (package, names and field numbers are the wire),
+and its messages live beside tritonclient's in one process."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ def test_generated_modules_match_the_proto(tmp_path: Path) -> None:
     source.mkdir(parents=True)
     shutil.copy(ROOT / "app" / "protocols" / "grpc" / "inference.proto", source)
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.", "--pyi_out=.",
-         "--grpc_python_out=.", "app/protocols/grpc/inference.proto"],
-        cwd=tmp_path, check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, str(ROOT / "packaging" / "generate_grpc.py"), str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     for name in GENERATED:
         again = (source / name).read_text()
         assert again == (ROOT / "app" / "protocols" / "grpc" / name).read_text(), name
@@ -46,3 +48,13 @@ def test_the_wire_contract() -> None:
     ]  # fmt: skip
     response = pb.ModelInferResponse.DESCRIPTOR.fields_by_name
     assert response["raw_output_contents"].number == 6
+
+
+def test_tritonclients_messages_and_ours_share_a_process_and_the_wire() -> None:
+    from tritonclient.grpc import service_pb2  # registers the same names in protobuf's pool
+
+    ours = pb.ModelInferRequest(model_name="tabular", raw_input_contents=[b"\x00" * 4])
+    ours.inputs.add(name="input", datatype="FP32", shape=[1])
+    theirs = service_pb2.ModelInferRequest.FromString(ours.SerializeToString())
+    assert (theirs.model_name, theirs.inputs[0].datatype) == ("tabular", "FP32")
+    assert pb.ModelInferRequest.FromString(theirs.SerializeToString()) == ours
