@@ -261,6 +261,7 @@ CONFIGS = [
     Config("appliance-pyparser"),
     # The same server, loaded over OIP gRPC (h2load: HTTP/2 frames, no Python client in the way).
     Config("appliance-grpc", models=TENSOR_MODELS, envelope="grpc"),
+    Config("appliance-grpc-gthread", models=TENSOR_MODELS, envelope="grpc"),
     Config("appliance-nginx"),
     Config("appliance-baseline"),
 ]
@@ -564,7 +565,7 @@ def _appliance_command(
         "--bind",
         f"unix:{workdir / 'app.sock'}" if config.name == "appliance-nginx" else f"127.0.0.1:{port}",
     ]
-    if config.name == "appliance-gthread":
+    if config.name in ("appliance-gthread", "appliance-grpc-gthread"):
         cmd += ["--worker-class", "gthread"]
     if config.name == "appliance-pyparser":  # gunicorn's Python request parser
         env["ONNX_APPLIANCE_SERVER__HTTP_PARSER"] = "python"
