@@ -15,7 +15,7 @@ from msgspec import UNSET, Raw
 
 from app.models.errors import InvalidInput
 from app.models.onnx import ModelState
-from app.models.signature import NUMPY_TO_DATATYPE, Datatype, Signature
+from app.models.signature import NUMPY_TO_DATATYPE, Datatype, Signature, TensorSpec
 from app.protocols import schema
 from app.protocols.tensors import (
     array_from_bytes,
@@ -51,6 +51,37 @@ class Inference:
     binary_outputs: set[str] = field(default_factory=set)
 
 
+def checked_input(
+    signature: Signature,
+    name: str,
+    datatype: str,
+    shape: list[int],
+    max_elements: int,
+    seen: Iterable[str],
+) -> tuple[TensorSpec, tuple[int, ...]]:
+    """The spec of a request's input and its shape, once both fit the model (every front's
+    checks, with the same messages).
+
+    Raises:
+        InvalidInput: an unknown or repeated input, another datatype, a shape that does not fit.
+        PayloadTooLarge: more elements than ``max_elements``.
+    """
+    if name in seen:
+        raise InvalidInput(f"input {name!r} is given more than once")
+    spec = signature.input_spec(name)
+    if datatype != spec.datatype:
+        raise InvalidInput(
+            f"input {name!r} has datatype {datatype!r} but the model expects {spec.datatype}"
+        )
+    checked = check_elements(name, shape, max_elements)
+    if not spec.accepts_shape(checked):
+        raise InvalidInput(
+            f"input {name!r} has shape {list(checked)} but model "
+            f"{signature.name!r} expects {list(spec.shape)} (-1 is any size)"
+        )
+    return spec, checked
+
+
 def parse_infer(
     body: bytes, header_length: int | None, signature: Signature, max_elements: int
 ) -> Inference:
@@ -77,20 +108,9 @@ def parse_infer(
     inputs: dict[str, np.ndarray] = {}
     for item in request.inputs:
         name = item.name
-        if name in inputs:
-            raise InvalidInput(f"input {name!r} is given more than once")
-        spec = signature.input_spec(name)
-        if item.datatype != spec.datatype:
-            raise InvalidInput(
-                f"input {name!r} has datatype {item.datatype!r} but the model expects "
-                f"{spec.datatype}"
-            )
-        shape = check_elements(name, item.shape, max_elements)
-        if not spec.accepts_shape(shape):
-            raise InvalidInput(
-                f"input {name!r} has shape {list(shape)} but model "
-                f"{signature.name!r} expects {list(spec.shape)} (-1 is any size)"
-            )
+        spec, shape = checked_input(
+            signature, name, item.datatype, item.shape, max_elements, inputs
+        )
         size = item.parameters.binary_data_size if item.parameters is not None else UNSET
         if size is not UNSET:
             if header_length is None:

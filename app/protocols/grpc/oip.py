@@ -18,8 +18,8 @@ from app.models.errors import InvalidInput
 from app.models.onnx import ModelState
 from app.models.signature import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE, Datatype, Signature
 from app.protocols.grpc import inference_pb2 as pb
-from app.protocols.tensors import array_from_bytes, array_to_bytes, check_elements
-from app.protocols.v2 import EXTENSIONS, Inference
+from app.protocols.tensors import array_from_bytes, array_to_bytes
+from app.protocols.v2 import EXTENSIONS, Inference, checked_input
 
 #: The typed ``contents`` field of each datatype (FP16 has none: it must come raw).
 CONTENTS_FIELD = {
@@ -57,20 +57,9 @@ def parse_infer(
     inputs: dict[str, np.ndarray] = {}
     for i, item in enumerate(request.inputs):
         name = item.name
-        if name in inputs:
-            raise InvalidInput(f"input {name!r} is given more than once")
-        spec = signature.input_spec(name)
-        if item.datatype != spec.datatype:
-            raise InvalidInput(
-                f"input {name!r} has datatype {item.datatype!r} but the model expects "
-                f"{spec.datatype}"
-            )
-        shape = check_elements(name, list(item.shape), max_elements)
-        if not spec.accepts_shape(shape):
-            raise InvalidInput(
-                f"input {name!r} has shape {list(shape)} but model "
-                f"{signature.name!r} expects {list(spec.shape)} (-1 is any size)"
-            )
+        spec, shape = checked_input(
+            signature, name, item.datatype, list(item.shape), max_elements, inputs
+        )
         if raw:
             if item.HasField("contents"):
                 raise InvalidInput(f"input {name!r} has contents as well as raw_input_contents")
