@@ -28,6 +28,7 @@ import structlog
 
 from app import __version__
 from app.errors import GRPC_STATUS, HTTP_STATUS, ApplianceError, ErrorCode
+from app.logging import ACCESS_LOGGER
 from app.metrics import Metrics
 from app.middleware import Authenticator, request_id_from
 from app.models.errors import InvalidInput, ModelNotReady
@@ -40,6 +41,8 @@ from app.protocols.grpc import oip
 from app.settings import Settings
 
 log = structlog.get_logger(__name__)
+#: One line per call, batched like HTTP's access lines (a write per call costs ~10%).
+access = structlog.get_logger(ACCESS_LOGGER)
 
 SERVICE = "/inference.GRPCInferenceService/"
 #: Calls that answer without a key, as their HTTP twins do.
@@ -66,6 +69,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._repository = repository
         self._metrics = metrics
         self._gate = gate
+        # labels() costs more than the increment; every label comes from a bounded set.
+        self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}
 
     # -- health and metadata ------------------------------------------------------------------
 
@@ -200,7 +205,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=call.request_id)
         if not stream:
-            context.send_initial_metadata((("x-request-id", call.request_id),))
+            # With the status, not in a batch of its own (send_initial_metadata costs ~5%).
+            context.set_trailing_metadata((("x-request-id", call.request_id),))
         self._metrics.in_flight.inc()
         code: ErrorCode | None = None
         message = ""
@@ -225,13 +231,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         route = SERVICE + method
         status = 200 if code is None else HTTP_STATUS[code]
         self._metrics.in_flight.dec()
-        self._metrics.requests.labels(
-            route, PROTOCOL, str(status), call.model, call.version, call.key_id
-        ).inc()
-        self._metrics.request_duration.labels(route, call.model, call.version).observe(duration)
+        key = (route, str(status), call.model, call.version, call.key_id)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self._metrics.requests.labels(
+                    route, PROTOCOL, str(status), call.model, call.version, call.key_id
+                ),
+                self._metrics.request_duration.labels(route, call.model, call.version),
+            )
+        children[0].inc()
+        children[1].observe(duration)
         if code is not None:
             self._metrics.errors.labels(route, call.model, call.version, code.value).inc()
-        emit = log.debug if method in OPEN_METHODS and code is None else log.info
+        emit = access.debug if method in OPEN_METHODS and code is None else access.info
         emit(
             "request",
             method=PROTOCOL,

@@ -149,7 +149,7 @@ def test_a_stream_answers_each_message_and_outlives_a_bad_one(served) -> None:  
 def test_request_ids_metadata_and_index(served) -> None:  # type: ignore[no-untyped-def]
     stub = _stub(served)
     _, call = stub.ModelInfer.with_call(_tabular(), metadata=(*KEY, ("x-request-id", "grpc-42")))
-    assert ("x-request-id", "grpc-42") in call.initial_metadata()
+    assert ("x-request-id", "grpc-42") in call.trailing_metadata()
     metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="tabular"), metadata=KEY)
     assert list(metadata.versions) == ["1", "2"] and metadata.inputs[0].name == "input"
     assert stub.ModelReady(pb.ModelReadyRequest(name="tabular", version="1"), metadata=KEY).ready
