@@ -14,7 +14,7 @@ from app import __version__
 from app.settings import CONFIG_ENV, Settings, SettingsError, load_settings, runtime_dir
 
 if TYPE_CHECKING:
-    from app.models.repository import ModelEntry
+    from app.models.repository import ModelEntry, Repository
 
 EXIT_CONFIG = 2
 EXIT_UNHEALTHY = 1
@@ -79,6 +79,22 @@ def _parser() -> argparse.ArgumentParser:
         "served, 2 (with one line naming the problem) otherwise.",
     )
     check.add_argument("directory", type=Path, metavar="DIR")
+    check.add_argument(
+        "--contract",
+        type=Path,
+        metavar="FILE",
+        help="serving contract snapshot: written when absent; when present, a model version "
+        "that breaks its recorded contract (an input or output removed or renamed, an input "
+        "added, a datatype changed, a shape narrowed, labels changed) is refused; the file "
+        "is then rewritten with this repository's contracts",
+    )
+    check.add_argument(
+        "--accept-contract",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="accept MODEL's contract change (or its removal) this once; repeat for several",
+    )
 
     check_config = sub.add_parser(
         "check-config",
@@ -299,8 +315,61 @@ def check(args: argparse.Namespace) -> int:
         for kind, specs in (("input", signature.inputs), ("output", signature.outputs)):
             for spec in specs:
                 print(f"  {kind:6} {spec.name}: {spec.datatype} {list(spec.shape)}")
+    if args.contract is not None:
+        problem = _check_contracts(repository, args.contract, set(args.accept_contract))
+        if problem:
+            return _fail(problem)
     print(f"ok: {len(repository.names)} model(s), {sum(1 for _ in repository.models())} version(s)")
     return 0
+
+
+def _check_contracts(repository: Repository, path: Path, accepted: set[str]) -> str:
+    """Compare every model version with the snapshot, then record the repository's contracts.
+
+    Returns:
+        The one-line refusal, or "" when the repository keeps every recorded contract (or
+        the operator accepted the changes).
+    """
+    from app.models.contract import Contract, ContractFileError, breaks, load, save
+
+    try:
+        recorded = load(path)
+        current = {
+            model.name: Contract.of(repository.entry(model.name).runners[model.version].signature)
+            for model in repository.models()
+            if model.version == repository.entry(model.name).default_version
+        }
+        if recorded is None:
+            save(path, current)
+            print(f"contract snapshot written to {path}")
+            return ""
+        problems: list[tuple[str, str]] = []  # (model, what breaks)
+        for model in repository.models():
+            old = recorded.get(model.name)
+            if old is None or model.name in accepted:
+                continue
+            signature = repository.entry(model.name).runners[model.version].signature
+            problems += [
+                (model.name, f"model {model.name!r} version {model.version}: {found}")
+                for found in breaks(old, Contract.of(signature))
+            ]
+        problems += [
+            (name, f"model {name!r} is no longer served")
+            for name in sorted(set(recorded) - set(current) - accepted)
+        ]
+        if problems:
+            names = sorted({name for name, _ in problems})
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            accept = " ".join(f"--accept-contract {n}" for n in names)
+            return (
+                f"{problems[0][1]}{more}: that breaks the contract recorded in {path}; pass "
+                f"{accept} to accept it"
+            )
+        save(path, {**{n: c for n, c in recorded.items() if n not in accepted}, **current})
+    except ContractFileError as exc:
+        return str(exc)
+    print(f"contracts kept; snapshot {path} updated")
+    return ""
 
 
 def check_config(args: argparse.Namespace) -> int:

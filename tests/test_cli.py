@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import shutil
 import socket
 import socketserver
@@ -282,3 +283,49 @@ def test_health_refuses_bad_settings_with_status_2(tmp_path: Path) -> None:
     config.write_text("")
     result = run("health", "--config", str(config), "--timeout", "0")
     assert (result.returncode, len(result.stderr.splitlines())) == (2, 1)
+
+
+def test_check_keeps_serving_contracts(tmp_path: Path) -> None:
+    repository = tmp_path / "models"
+    shutil.copytree(DEMO_MODELS / "tabular", repository / "tabular")
+    shutil.copytree(DEMO_MODELS / "regression", repository / "regression")
+    contract = tmp_path / "contract.json"
+    first = run("check", str(repository), "--contract", str(contract))
+    assert first.returncode == 0, first.stderr
+    assert f"contract snapshot written to {contract}" in first.stdout
+    assert set(json.loads(contract.read_text())["models"]) == {"regression", "tabular"}
+    # A new version with the same contract passes.
+    shutil.copytree(repository / "tabular" / "1", repository / "tabular" / "3")
+    kept = run("check", str(repository), "--contract", str(contract))
+    assert kept.returncode == 0 and "contracts kept" in kept.stdout, kept.stderr
+    # A version whose output is renamed is refused in one line, and the snapshot stays.
+    before = contract.read_text()
+    onnx_factory.save(onnx_factory.features_to_result(), repository, "regression", 2)
+    broken = run("check", str(repository), "--contract", str(contract))
+    assert broken.returncode == 2
+    assert broken.stderr.startswith(
+        "onnx-appliance: error: model 'regression' version 2: input 'input' was removed (and "
+    )
+    assert "--accept-contract regression to accept it" in broken.stderr
+    assert len(broken.stderr.strip().splitlines()) == 1
+    assert contract.read_text() == before
+    # The operator accepts it: the snapshot now records the new contract.
+    accepted = run(
+        "check", str(repository), "--contract", str(contract), "--accept-contract", "regression"
+    )
+    assert accepted.returncode == 0, accepted.stderr
+    inputs = json.loads(contract.read_text())["models"]["regression"]["inputs"]
+    assert [i["name"] for i in inputs] == ["features"]
+    # A model that disappears is a break too.
+    shutil.rmtree(repository / "regression")
+    gone = run("check", str(repository), "--contract", str(contract))
+    assert gone.returncode == 2 and "model 'regression' is no longer served" in gone.stderr
+
+
+def test_check_refuses_an_unreadable_contract_in_one_line(tmp_path: Path) -> None:
+    contract = tmp_path / "contract.json"
+    contract.write_text("{not json")
+    result = run("check", str(DEMO_MODELS), "--contract", str(contract))
+    assert result.returncode == 2
+    assert "contract snapshot" in result.stderr and "unreadable" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -237,3 +237,32 @@ def test_a_bad_model_never_replaces_a_good_one(
     assert "Check every model of the release before it can serve" in result.stdout
     assert "zipmap=False" in result.stdout  # onnx-appliance check said why
     assert served.readlink() == before  # still the good release
+
+
+def test_a_contract_break_goes_live_only_when_accepted(
+    tmp_path: Path, provisioned: tuple[Path, str]
+) -> None:
+    from tests import onnx_factory
+
+    rootfs, _ = provisioned
+    served = rootfs / "var" / "lib" / "onnx-appliance" / "models"
+    assert (rootfs / "var" / "lib" / "onnx-appliance" / "contract.json").exists()
+    before = served.readlink()
+    changed = tmp_path / "models"
+    shutil.copytree(ROOT / "app" / "demo_models", changed)
+    # regression/2 takes `features` and answers `result`: clients of version 1 would break.
+    onnx_factory.save(onnx_factory.features_to_result(), changed, "regression", 2)
+    refused = _playbook(rootfs, "-e", json.dumps({"models_source": str(changed)}))
+    assert refused.returncode != 0
+    assert "breaks the contract recorded in" in refused.stdout
+    assert "--accept-contract regression" in refused.stdout
+    assert served.readlink() == before
+    accepted = _playbook(
+        rootfs,
+        "-e",
+        json.dumps({"models_source": str(changed), "models_accept_contract": ["regression"]}),
+    )
+    assert accepted.returncode == 0, accepted.stdout[-4000:]
+    assert served.readlink() != before
+    release = rootfs / str(served.readlink()).lstrip("/")  # the link is absolute in the root
+    assert (release / "regression" / "2" / "model.onnx").exists()
