@@ -334,24 +334,28 @@ def _check_contracts(repository: Repository, path: Path, accepted: set[str]) -> 
 
     try:
         recorded = load(path)
-        current = {
-            model.name: Contract.of(repository.entry(model.name).runners[model.version].signature)
+        versions = {
+            (model.name, model.version): Contract.of(
+                repository.entry(model.name).runners[model.version].signature
+            )
             for model in repository.models()
-            if model.version == repository.entry(model.name).default_version
+        }
+        current = {
+            name: versions[name, repository.entry(name).default_version]
+            for name in repository.names
         }
         if recorded is None:
             save(path, current)
             print(f"contract snapshot written to {path}")
             return ""
         problems: list[tuple[str, str]] = []  # (model, what breaks)
-        for model in repository.models():
-            old = recorded.get(model.name)
-            if old is None or model.name in accepted:
+        for (name, version), contract in versions.items():
+            old = recorded.get(name)
+            if old is None or name in accepted:
                 continue
-            signature = repository.entry(model.name).runners[model.version].signature
             problems += [
-                (model.name, f"model {model.name!r} version {model.version}: {found}")
-                for found in breaks(old, Contract.of(signature))
+                (name, f"model {name!r} version {version}: {found}")
+                for found in breaks(old, contract)
             ]
         problems += [
             (name, f"model {name!r} is no longer served")

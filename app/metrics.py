@@ -192,7 +192,34 @@ class Metrics:
         )
         self.build_info.labels(__version__).set(1)
         self._inference_children: dict[tuple[str, str], Any] = {}
+        self._request_children: dict[tuple[str, str, int, str, str, str], tuple[Any, Any]] = {}
         self._batch_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def request(
+        self,
+        route: str,
+        method: str,
+        status: int,
+        model: str,
+        version: str,
+        key_id: str,
+        seconds: float,
+        error_code: str = "",
+    ) -> None:
+        """Count one answered request, of any front (HTTP, gRPC), and time it."""
+        key = (route, method, status, model, version, key_id)
+        children = self._request_children.get(key)
+        if children is None:
+            # labels() costs more than the increment itself; every label here comes from a
+            # bounded set (route templates, known models), so the cache stays small.
+            children = self._request_children[key] = (
+                self.requests.labels(route, method, str(status), model, version, key_id),
+                self.request_duration.labels(route, model, version),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+        if error_code:
+            self.errors.labels(route, model, version, error_code).inc()
 
     def batch(self, model: str, version: str, rows: int, waits: list[float]) -> None:
         """Record one (micro-)batch and how long its requests queued."""

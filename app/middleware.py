@@ -70,7 +70,6 @@ class RequestContext:
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._children: dict[tuple[str, str, int, str, str, str], tuple[Any, Any]] = {}
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Start the clock and bind the request id."""
@@ -97,22 +96,9 @@ class RequestContext:
         method = req.method if req.method in _METHODS else "other"
         status = resp.status_code
         self._metrics.in_flight.dec()
-        key = (route, method, status, ctx.model, ctx.version, ctx.key_id)
-        children = self._children.get(key)
-        if children is None:
-            # labels() costs more than the increment itself; every label here comes from a
-            # bounded set (route templates, known models), so the cache stays small.
-            children = (
-                self._metrics.requests.labels(
-                    route, method, str(status), ctx.model, ctx.version, ctx.key_id
-                ),
-                self._metrics.request_duration.labels(route, ctx.model, ctx.version),
-            )
-            self._children[key] = children
-        children[0].inc()
-        children[1].observe(duration)
-        if ctx.error_code:
-            self._metrics.errors.labels(route, ctx.model, ctx.version, ctx.error_code).inc()
+        self._metrics.request(
+            route, method, status, ctx.model, ctx.version, ctx.key_id, duration, ctx.error_code
+        )
         emit = log.debug if route in OPEN_PATHS and status < 400 else log.info
         emit(
             "request",

@@ -6,7 +6,7 @@ Pure functions of bytes, signatures and arrays: no HTTP, no sessions.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,7 +57,7 @@ def checked_input(
     datatype: str,
     shape: list[int],
     max_elements: int,
-    seen: Iterable[str],
+    seen: Container[str],
 ) -> tuple[TensorSpec, tuple[int, ...]]:
     """The spec of a request's input and its shape, once both fit the model (every front's
     checks, with the same messages).

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 import structlog
 
 from app import __version__
@@ -34,10 +35,12 @@ from app.middleware import Authenticator, request_id_from
 from app.models.errors import InvalidInput, ModelNotReady
 from app.models.generation import TEXT_INPUT, TEXT_OUTPUT, Chunk, Generator
 from app.models.repository import Repository
+from app.models.runner import Predictor
 from app.models.signature import Signature
 from app.protocols.grpc import inference_pb2 as pb
 from app.protocols.grpc import inference_pb2_grpc as pb_grpc
 from app.protocols.grpc import oip
+from app.protocols.v2 import Inference
 from app.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -69,8 +72,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._repository = repository
         self._metrics = metrics
         self._gate = gate
-        # labels() costs more than the increment; every label comes from a bounded set.
-        self._children: dict[tuple[str, str, str, str, str], tuple[Any, Any]] = {}
 
     # -- health and metadata ------------------------------------------------------------------
 
@@ -141,7 +142,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
         """Run one inference, raw or typed tensors, within the call's deadline."""
-        return self._call("ModelInfer", context, lambda call: self._infer(request, call))
+        return self._call(
+            "ModelInfer",
+            context,
+            lambda call: self._infer(self._resolve(request, call), request, call),
+        )
 
     def ModelStreamInfer(  # noqa: N802
         self, requests: Iterator[pb.ModelInferRequest], context: Any
@@ -168,11 +173,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _stream_one(
         self, request: pb.ModelInferRequest, call: _Call
     ) -> Iterator[pb.ModelInferResponse]:
-        runner = call.label(
-            self._repository.get(request.model_name, request.model_version or None, call.request_id)
-        )
+        runner = self._resolve(request, call)
         if not isinstance(runner, Generator):
-            return iter([self._infer(request, call)])
+            return iter([self._infer(runner, request, call)])
         inference, raw = oip.parse_infer(
             request, runner.signature, self._limits.max_tensor_elements
         )
@@ -182,12 +185,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ids = runner.prompt(str(prompts[0]))
         sampling = runner.sampling(len(ids), **oip.sampling_parameters(request))
         generation = runner.generate(ids, sampling, call.deadline(runner.timeout))
-        return _tokens(runner.signature, request.id, generation, raw)
+        return _tokens(runner.signature, Inference(request.id or None, {}), generation, raw)
 
-    def _infer(self, request: pb.ModelInferRequest, call: _Call) -> pb.ModelInferResponse:
-        runner = call.label(
+    def _resolve(self, request: pb.ModelInferRequest, call: _Call) -> Predictor:
+        """The model version that serves the request (by traffic split when none is named)."""
+        return call.label(
             self._repository.get(request.model_name, request.model_version or None, call.request_id)
         )
+
+    def _infer(
+        self, runner: Predictor, request: pb.ModelInferRequest, call: _Call
+    ) -> pb.ModelInferResponse:
         inference, raw = oip.parse_infer(
             request, runner.signature, self._limits.max_tensor_elements
         )
@@ -231,19 +239,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         route = SERVICE + method
         status = 200 if code is None else HTTP_STATUS[code]
         self._metrics.in_flight.dec()
-        key = (route, str(status), call.model, call.version, call.key_id)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
-                self._metrics.requests.labels(
-                    route, PROTOCOL, str(status), call.model, call.version, call.key_id
-                ),
-                self._metrics.request_duration.labels(route, call.model, call.version),
-            )
-        children[0].inc()
-        children[1].observe(duration)
-        if code is not None:
-            self._metrics.errors.labels(route, call.model, call.version, code.value).inc()
+        self._metrics.request(
+            route, PROTOCOL, status, call.model, call.version, call.key_id, duration,
+            code.value if code else "",
+        )  # fmt: skip
         emit = access.debug if method in OPEN_METHODS and code is None else access.info
         emit(
             "request",
@@ -259,26 +258,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def _tokens(
-    signature: Signature, request_id: str, generation: Iterable[Chunk], raw: bool
+    signature: Signature, inference: Inference, generation: Iterable[Chunk], raw: bool
 ) -> Iterator[pb.ModelInferResponse]:
-    """One response per piece of text (raw contents when the request was raw), then the
-    empty final one."""
+    """One response per piece of text (in the request's form, raw or typed), then the empty
+    final one."""
     for chunk in generation:
-        if not chunk.text:
-            continue  # held back while a stop sequence may be starting
-        answer = pb.ModelInferResponse(
-            model_name=signature.name, model_version=signature.version, id=request_id
-        )
-        tensor = answer.outputs.add(name=TEXT_OUTPUT, datatype="BYTES", shape=[1])
-        piece = chunk.text.encode()
-        if raw:
-            answer.raw_output_contents.append(len(piece).to_bytes(4, "little") + piece)
-        else:
-            tensor.contents.bytes_contents.append(piece)
-        yield answer
-    final = pb.ModelInferResponse(
-        model_name=signature.name, model_version=signature.version, id=request_id
-    )
+        if chunk.text:  # empty while a stop sequence may be starting
+            piece = {TEXT_OUTPUT: np.array([chunk.text], dtype=object)}
+            yield oip.encode_infer(signature, inference, piece, raw)
+    final = oip.encode_infer(signature, inference, {}, raw)
     final.parameters["triton_final_response"].bool_param = True
     yield final
 
@@ -303,10 +291,9 @@ class _Call:
         self.version = ""
         self.key_id = ""
 
-    def label(self, runner: T) -> T:
+    def label(self, runner: Predictor) -> Predictor:
         """Name the model version serving the call (for logs and metrics)."""
-        signature = runner.signature  # type: ignore[attr-defined]
-        self.model, self.version = signature.name, signature.version
+        self.model, self.version = runner.signature.name, runner.signature.version
         return runner
 
     def deadline(self, timeout: float) -> float:
