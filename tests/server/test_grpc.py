@@ -111,7 +111,7 @@ def test_typed_contents_answer_typed_and_match_onnxruntime(served) -> None:  # t
     outputs = {o.name: o for o in answer.outputs}
     assert list(outputs["label"].contents.int64_contents) == label.tolist()
     got = list(outputs["probabilities"].contents.fp32_contents)
-    assert got == probabilities.reshape(-1).tolist()
+    np.testing.assert_allclose(got, probabilities.reshape(-1), rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -149,18 +149,25 @@ def test_digit_samples_are_the_data_sets_pictures_and_classified_right(rebuilt: 
 
 def test_digits_graph_reads_pictures_as_the_data_set_features() -> None:
     """Over the whole data set drawn as pictures, the graph's preprocessing gives back the
-    8x8 features it was trained on: the labels agree with the classifier on the features
-    wherever the classifier is not near a tie, whatever the picture's size or polarity."""
+    8x8 features it was trained on, whatever the picture's size or polarity: inverted and
+    enlarged pictures read as the originals wherever the original is not near a tie. (An
+    inverted picture's grey levels differ from 255 minus the original's by float32 rounding
+    of the luma weights, and another CPU's resize kernels round their own way: either can
+    tip a label whose two best scores are within a hair, so those are not compared.)"""
     sys.path.insert(0, str(ROOT / "packaging" / "demo"))
     import build_models
 
     pictures, labels = build_models.digits_pictures()
     session = ort.InferenceSession(str(DEMO_MODELS / "digits" / "1" / "model.onnx"))
-    predicted, _ = session.run(None, {"image": pictures})
+    predicted, scores = session.run(None, {"image": pictures})
     assert (predicted == labels).mean() > 0.95  # training and held-out pictures together
-    # Light ink on dark paper, and a picture eight times larger, read the same.
+    best_two = np.sort(scores, axis=1)[:, -2:]
+    clear = best_two[:, 1] - best_two[:, 0] > 0.01
+    # Light ink on dark paper, and a picture four times larger, read the same.
     inverted, _ = session.run(None, {"image": 255 - pictures[:200]})
-    assert inverted.tolist() == predicted[:200].tolist()
+    assert clear[:200].sum() >= 190
+    assert inverted[clear[:200]].tolist() == predicted[:200][clear[:200]].tolist()
     large = np.stack([np.kron(p, np.ones((4, 4, 1), np.uint8)) for p in pictures[:50]])
     enlarged, _ = session.run(None, {"image": large})
-    assert enlarged.tolist() == predicted[:50].tolist()
+    assert clear[:50].sum() >= 45
+    assert enlarged[clear[:50]].tolist() == predicted[:50][clear[:50]].tolist()
