@@ -154,3 +154,21 @@ def test_metadata_and_index() -> None:
     assert [m.version for m in oip.repository_index(states, only_ready=False).models] == ["1", "2"]
     assert [m.state for m in oip.repository_index(states, only_ready=True).models] == ["READY"]
     assert "binary_tensor_data" in oip.server_metadata("n", "v").extensions
+
+
+def test_sampling_parameters_are_checked() -> None:
+    request = pb.ModelInferRequest()
+    request.parameters["max_tokens"].int64_param = 8
+    request.parameters["temperature"].double_param = 0.5
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    assert oip.sampling_parameters(request) == {"max_tokens": 8, "temperature": 0.5}
+    for name, field, value in (
+        ("max_tokens", "string_param", "8"),
+        ("max_tokens", "double_param", 8.5),
+        ("seed", "bool_param", True),
+        ("colour", "string_param", "red"),
+    ):
+        bad = pb.ModelInferRequest()
+        setattr(bad.parameters[name], field, value)
+        with pytest.raises(InvalidInput, match=name):
+            oip.sampling_parameters(bad)
