@@ -171,6 +171,45 @@ class Metrics:
             ["model", "version", "result"],
             registry=r,
         )
+        shadow = ["model", "version", "candidate"]
+        self.shadow_requests = Counter(
+            f"{PREFIX}_shadow_requests",
+            "Requests replayed on a shadow candidate, by model, the version that answered, "
+            "candidate and outcome (compared, dropped: queue full or stale, failed, "
+            "incomparable: an output missing or of another shape).",
+            [*shadow, "outcome"],
+            registry=r,
+        )
+        self.shadow_duration = Histogram(
+            f"{PREFIX}_shadow_duration_seconds",
+            "Time the shadow candidate took to answer a replayed request.",
+            ["model", "candidate"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_labels_total = Counter(
+            f"{PREFIX}_shadow_labels",
+            "Rows of label outputs (or of class scores' best class) compared with the shadow "
+            "candidate's, by output and result (same or different).",
+            [*shadow, "output", "result"],
+            registry=r,
+        )
+        self.shadow_abs_difference = Histogram(
+            f"{PREFIX}_shadow_abs_difference",
+            "Largest absolute difference per row of numeric outputs between the version that "
+            "answered and the shadow candidate.",
+            [*shadow, "output"],
+            buckets=(1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 1.0, 10.0, 100.0),
+            registry=r,
+        )
+        self.shadow_cosine = Histogram(
+            f"{PREFIX}_shadow_cosine_distance",
+            "1 - cosine similarity per row of numeric outputs (embeddings, scores) between the "
+            "version that answered and the shadow candidate.",
+            [*shadow, "output"],
+            buckets=(1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 0.5, 1.0, 2.0),
+            registry=r,
+        )
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
             "Requests being handled right now.",
@@ -273,6 +312,42 @@ class Metrics:
                 model, version
             )
         child.observe(seconds)
+
+    def shadow_outcome(self, model: str, version: str, candidate: str, outcome: str) -> None:
+        """Count a shadow job's outcome."""
+        self.shadow_requests.labels(model, version, candidate, outcome).inc()
+
+    def shadow_run(self, model: str, candidate: str, seconds: float) -> None:
+        """Time a shadow candidate's answer."""
+        self.shadow_duration.labels(model, candidate).observe(seconds)
+
+    def shadow_labels(
+        self, model: str, version: str, candidate: str, output: str, same: int, different: int
+    ) -> None:
+        """Count label rows that agreed with the shadow candidate, and those that did not."""
+        if same:
+            self.shadow_labels_total.labels(model, version, candidate, output, "same").inc(same)
+        if different:
+            self.shadow_labels_total.labels(model, version, candidate, output, "different").inc(
+                different
+            )
+
+    def shadow_differences(
+        self,
+        model: str,
+        version: str,
+        candidate: str,
+        output: str,
+        abs_diff: Any,
+        cosine_distance: Any,
+    ) -> None:
+        """Record per-row differences of a numeric output from the shadow candidate's."""
+        diff = self.shadow_abs_difference.labels(model, version, candidate, output)
+        cosine = self.shadow_cosine.labels(model, version, candidate, output)
+        for value in abs_diff.tolist():
+            diff.observe(value)
+        for value in cosine_distance.tolist():
+            cosine.observe(value)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type; all workers' values in multiprocess mode."""

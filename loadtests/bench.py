@@ -257,6 +257,8 @@ CONFIGS = [
     Config("appliance"),
     Config("appliance-batched"),
     Config("appliance-cached", models=TENSOR_MODELS),
+    # Every model shadowed by a copy of itself on 10% of its requests: what shadows cost.
+    Config("appliance-shadow", models=TENSOR_MODELS),
     Config("appliance-gthread"),
     Config("appliance-pyparser"),
     # The same server, loaded over OIP gRPC (h2load: HTTP/2 frames, no Python client in the way).
@@ -358,7 +360,22 @@ def prepare_models(workdir: Path) -> dict[str, Path]:
     for name in ("mlp", "tabular", "sentiment"):
         shutil.copytree(plain / name, cached / name)
         (cached / name / "model.toml").write_text("[cache]\nmax_entries = 1024\n")
-    return {"plain": plain, "batched": batched, "cached": cached, "checkpoint": checkpoint}
+    shadowed = workdir / "models-shadowed"
+    for name in TENSOR_MODELS:
+        shutil.copytree(plain / name, shadowed / name)
+        shutil.copytree(plain / name / "1", shadowed / name / "2")
+        config = plain / name / "model.toml"
+        kept = config.read_text() if config.exists() else ""
+        (shadowed / name / "model.toml").write_text(
+            f"default_version = 1\n{kept}\n[shadow]\nversion = 2\npercent = 10\n"
+        )
+    return {
+        "plain": plain,
+        "batched": batched,
+        "cached": cached,
+        "shadowed": shadowed,
+        "checkpoint": checkpoint,
+    }
 
 
 def mlserver_repository(workdir: Path) -> Path:
@@ -553,7 +570,11 @@ def _appliance_command(
     needs in ``env``."""
     ours = ROOT / ".venv" / "bin"
     repo = repos[
-        {"appliance-batched": "batched", "appliance-cached": "cached"}.get(config.name, "plain")
+        {
+            "appliance-batched": "batched",
+            "appliance-cached": "cached",
+            "appliance-shadow": "shadowed",
+        }.get(config.name, "plain")
     ]
     cmd = [
         str(ours / "onnx-appliance"),

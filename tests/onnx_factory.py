@@ -279,3 +279,56 @@ def pixels_4x4() -> onnx.ModelProto:
             initializer=[shape],
         )
     )
+
+
+def classifier(swap: bool = False, slow_steps: int = 0, size: int = 256) -> onnx.ModelProto:
+    """x: float [-1, 2] -> scores: float [-1, 2] (x @ [[2, -1], [-1, 2]]), label: int64 [-1]
+    (the best score's column).
+
+    ``swap`` exchanges the weight columns, so every label whose scores differ flips (a wrong
+    candidate). ``slow_steps`` adds that many MatMul+Tanh steps on a [size, size] state whose
+    result is multiplied by zero before it joins the scores: the same answers, computed
+    slower (about 0.15 ms per step at size 256 on one thread).
+    """
+    w = np.array([[2.0, -1.0], [-1.0, 2.0]], dtype=np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["raw"])]
+    initializers = [numpy_helper.from_array(w[:, ::-1].copy() if swap else w, "w")]
+    if slow_steps:
+        nodes += [
+            helper.make_node("Expand", ["one", "shape"], ["h0"]),
+            helper.make_node("Loop", ["steps", "cond", "h0"], ["h"], body=_slow_body(size)),
+            helper.make_node("ReduceMean", ["h"], ["mean"], keepdims=0),
+            helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+            helper.make_node("Add", ["raw", "nothing"], ["scores"]),
+        ]
+        initializers += [
+            _random_weight(2, size),
+            numpy_helper.from_array(np.ones((1, 1), dtype=np.float32), "one"),
+            numpy_helper.from_array(np.array([size, size], dtype=np.int64), "shape"),
+            numpy_helper.from_array(np.array(slow_steps, dtype=np.int64), "steps"),
+            numpy_helper.from_array(np.array(True), "cond"),
+            numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
+        ]
+        initializers[1].name = "w_slow"
+    else:
+        nodes.append(helper.make_node("Identity", ["raw"], ["scores"]))
+    nodes.append(helper.make_node("ArgMax", ["scores"], ["label"], axis=1, keepdims=0))
+    return _model(
+        helper.make_graph(
+            nodes,
+            "classifier",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+            [
+                helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["n", 2]),
+                helper.make_tensor_value_info("label", TensorProto.INT64, ["n"]),
+            ],
+            initializer=initializers,
+        )
+    )
+
+
+def _slow_body(size: int) -> onnx.GraphProto:
+    body = _matmul_tanh_step(size, size)
+    for node in body.node:
+        node.input[:] = ["w_slow" if name == "w" else name for name in node.input]
+    return body

@@ -204,7 +204,19 @@ class ImageRunner:
         """
         if top_k < 1:
             raise InvalidInput("top_k must be at least 1")
-        scores = self.run(images, [self._scores], deadline)[self._scores]
+        return self.rank(self.scores(images, deadline), top_k)
+
+    @property
+    def scores_output(self) -> str:
+        """The output of class scores that :meth:`classify` ranks."""
+        return self._scores
+
+    def scores(self, images: Sequence[np.ndarray], deadline: float | None = None) -> np.ndarray:
+        """The class scores of each image, one row per image."""
+        return self.run(images, [self._scores], deadline)[self._scores]
+
+    def rank(self, scores: np.ndarray, top_k: int) -> list[Ranked]:
+        """The ``top_k`` best classes of each row of ``scores``."""
         labels = self.signature.labels or [str(i) for i in range(scores.shape[1])]
         ranked = []
         for row in scores:

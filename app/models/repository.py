@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
 import structlog
@@ -34,6 +34,7 @@ from app.models.onnx import (
 )
 from app.models.onnx_proto import ProtoError, external_data_locations, looks_like_model
 from app.models.runner import Predictor, Runner
+from app.models.shadow import Shadow, ShadowExecutor, ShadowObserver, ShadowOptions
 from app.models.text import TOKENIZER_FILE, TextRunner, Vocabulary
 from app.settings import (
     MAX_BATCH_ROWS,
@@ -301,6 +302,35 @@ class ImageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         )
 
 
+class ShadowConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[shadow]`` in ``model.toml``: replay a share of the model's requests on a candidate
+    version after answering them, and compare (see :mod:`app.models.shadow`).
+
+    Attributes:
+        version: The candidate version.
+        percent: Share of the other versions' requests replayed, in percent (0 < p <= 100).
+        max_queue: Replays that may wait per worker; more are dropped (counted).
+    """
+
+    version: int
+    percent: float = 10.0
+    max_queue: int = 16
+
+    def options(self, model: str) -> ShadowOptions:
+        """Validated options (the version is checked against the repository later).
+
+        Raises:
+            RepositoryError: a value out of range.
+        """
+        where = f"model {model!r}: {MODEL_CONFIG}: shadow"
+        if not 0 < self.percent <= 100:
+            raise RepositoryError(f"{where}: percent {self.percent:g} is out of range 0 < p <= 100")
+        problem = out_of_range("max_queue", self.max_queue, 1, MAX_QUEUE)
+        if problem:
+            raise RepositoryError(f"{where}: {problem}")
+        return ShadowOptions(self.version, float(self.percent), self.max_queue)
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Contents of ``<name>/model.toml``; every key is optional.
 
@@ -322,6 +352,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         image: The model takes images (``[image]`` table).
         traffic: Weights by version for requests that name no version, e.g.
             ``{"1" = 90, "2" = 10}``; routing is sticky per request id.
+        shadow: Shadow traffic to a candidate version (``[shadow]`` table); off when absent.
         labels: Class names, shown in metadata for clients.
         description: Free text shown in metadata.
     """
@@ -341,6 +372,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     text: TextConfig | None = None
     generation: GenerationConfig | None = None
     image: ImageConfig | None = None
+    shadow: ShadowConfig | None = None
     labels: list[str] = msgspec.field(default_factory=list)
     description: str = ""
 
@@ -353,6 +385,7 @@ class ModelEntry:
     config: ModelConfig
     versions: dict[int, OnnxModel] = field(default_factory=dict)
     runners: dict[int, Predictor] = field(default_factory=dict)
+    shadow: Shadow | None = None
 
     @property
     def default_version(self) -> int:
@@ -383,11 +416,16 @@ def valid_name(name: str) -> bool:
     return bool(NAME_RE.match(name)) and name.strip(".") != ""
 
 
+class RepositoryObserver(InferenceObserver, ShadowObserver, Protocol):
+    """Receives what the models and their shadows measure (a worker's metrics)."""
+
+
 class Repository:
     """The models one worker serves, by name and version."""
 
     def __init__(self, entries: dict[str, ModelEntry], default_model: str = "") -> None:
         self._entries = dict(sorted(entries.items()))
+        self._observer: RepositoryObserver | None = None
         if default_model and default_model not in self._entries:
             raise RepositoryError(
                 f"models.default_model {default_model!r} is not in the repository "
@@ -403,7 +441,7 @@ class Repository:
         root: Path,
         options: RuntimeOptions,
         default_model: str = "",
-        observer: InferenceObserver | None = None,
+        observer: RepositoryObserver | None = None,
     ) -> Repository:
         """Read the layout and configs under ``root`` without creating sessions.
 
@@ -426,7 +464,9 @@ class Repository:
             raise RepositoryError(
                 f"model repository {root} holds no models (expected <name>/<version>/model.onnx)"
             )
-        return cls(entries, default_model)
+        repository = cls(entries, default_model)
+        repository._observer = observer
+        return repository
 
     @classmethod
     def single_file(
@@ -434,7 +474,7 @@ class Repository:
         path: Path,
         options: RuntimeOptions,
         name: str | None = None,
-        observer: InferenceObserver | None = None,
+        observer: RepositoryObserver | None = None,
     ) -> Repository:
         """Serve one ``.onnx`` file as version 1 of a model named after the file.
 
@@ -449,7 +489,9 @@ class Repository:
         check_model_file(path.resolve(), path.resolve().parent)
         entry = ModelEntry(name, ModelConfig())
         entry.versions[1] = OnnxModel(name, 1, path.resolve(), options, observer)
-        return cls({name: entry})
+        repository = cls({name: entry})
+        repository._observer = observer
+        return repository
 
     @property
     def largest_batch(self) -> int:
@@ -459,8 +501,10 @@ class Repository:
             default=0,
         )
 
-    def set_observer(self, observer: InferenceObserver | None) -> None:
-        """Report every session run of every model to ``observer`` (a worker's metrics)."""
+    def set_observer(self, observer: RepositoryObserver | None) -> None:
+        """Report every session run of every model, and every shadow run, to ``observer``
+        (a worker's metrics)."""
+        self._observer = observer
         for model in self.models():
             model.observer = observer
 
@@ -490,6 +534,21 @@ class Repository:
                     served = runner(model)
                 entry.runners[version] = served
                 log.info("model_ready", model=model.name, version=model.version_str)
+        executor = ShadowExecutor()  # one per worker: created after the fork, like its thread
+        for entry in self._entries.values():
+            if entry.config.shadow is not None:
+                options = entry.config.shadow.options(entry.name)
+                entry.shadow = Shadow(
+                    entry.name, options, entry.runners[options.version], entry.config.labels,
+                    executor, self._observer,
+                )  # fmt: skip
+
+    def shadow(self, name: str, version: str) -> Shadow | None:
+        """The shadow to hand a request of ``name`` served by ``version`` to, if it is one
+        to mirror."""
+        entry = self._entries.get(name)
+        shadow = entry.shadow if entry is not None else None
+        return shadow if shadow is not None and shadow.wants(version) else None
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -763,7 +822,26 @@ def _scan_model(
             raise RepositoryError(f"model {name!r}: traffic weight for {split} is negative")
     if config.traffic and sum(config.traffic.values()) <= 0:
         raise RepositoryError(f"model {name!r}: traffic weights add up to 0")
+    if config.shadow is not None:
+        _check_shadow(entry, config.shadow)
     return entry
+
+
+def _check_shadow(entry: ModelEntry, shadow: ShadowConfig) -> None:
+    name = entry.name
+    shadow.options(name)
+    if entry.config.generation is not None:
+        raise RepositoryError(
+            f"model {name!r}: {MODEL_CONFIG}: [shadow] replays tensor, embedding and image "
+            "requests; a generation model cannot be shadowed"
+        )
+    if shadow.version not in entry.versions:
+        raise RepositoryError(
+            f"model {name!r}: shadow names version {shadow.version}, which does not exist "
+            f"(versions: {', '.join(map(str, sorted(entry.versions)))})"
+        )
+    if len(entry.versions) < 2:
+        raise RepositoryError(f"model {name!r}: shadow needs another version to mirror from")
 
 
 def _read_config(model_dir: Path) -> ModelConfig:

@@ -7,14 +7,17 @@ import os
 import socket
 import time
 import zlib
+from collections.abc import Mapping
 from typing import Any
 
 import falcon
+import numpy as np
 
 from app.errors import ErrorCode
 from app.models.repository import Repository
 from app.models.runner import Predictor
 from app.models.scheduling import WATCHDOG
+from app.models.shadow import Replay
 from app.models.signature import Signature
 from app.protocols import schema
 from app.resources.errors import ApiError
@@ -28,6 +31,8 @@ CLOSE_CONNECTION = "onnx_appliance.close_connection"
 #: WSGI environ key saying that a route took the connection over (a WebSocket): the server
 #: must close it without writing an HTTP answer.
 HIJACKED = "onnx_appliance.hijacked"
+#: WSGI environ key holding shadow jobs to submit once the answer has been sent.
+SHADOW_JOBS = "onnx_appliance.shadow_jobs"
 _ENCODINGS = frozenset({"identity", "gzip", "x-gzip"})
 _CHUNK = 1 << 20
 
@@ -210,6 +215,22 @@ def resolve(
     runner = repository.get(name, version, routing_key=req.context.request_id)
     label(req, runner.signature)
     return runner
+
+
+def mirror(
+    req: falcon.Request,
+    repository: Repository,
+    runner: Predictor,
+    answer: Mapping[str, np.ndarray],
+    replay: Replay,
+) -> None:
+    """Replay the request on the model's shadow candidate, if it has one and this request
+    is among those mirrored, once the answer has been sent (see
+    :func:`app.server.application.closing_connections`)."""
+    signature = runner.signature
+    shadow = repository.shadow(signature.name, signature.version)
+    if shadow is not None:
+        req.env.setdefault(SHADOW_JOBS, []).append(shadow.job(signature.version, answer, replay))
 
 
 def send(resp: falcon.Response, doc: Any) -> None:

@@ -8,18 +8,21 @@ Falcon's multipart parser, and hands them to the model's
 from __future__ import annotations
 
 import io
+from typing import cast
 
 import falcon
 from falcon.media.multipart import MultipartFormHandler, MultipartParseOptions
 
 from app.errors import ErrorCode
 from app.models.errors import InvalidInput, PayloadTooLarge
+from app.models.image import ImageRunner
 from app.protocols import schema
 from app.protocols.image import encode_classify
 from app.resources.common import (
     RepositoryResource,
     deadline,
     label,
+    mirror,
     read_body,
     require_media_type,
 )
@@ -86,7 +89,15 @@ class ClassifyResource(RepositoryResource):
         body = read_body(req, self._limits)
         names, files, top_k = self._form(req, body, runner.options.max_images)
         images = runner.decode(files, names)
-        ranked = runner.classify(images, top_k, deadline(req, runner))
+        if top_k < 1:
+            raise InvalidInput("top_k must be at least 1")
+        scores = runner.scores(images, deadline(req, runner))
+        output = runner.scores_output
+        mirror(
+            req, self._repository, runner, {output: scores},
+            lambda candidate, due: cast(ImageRunner, candidate).run(images, [output], due),
+        )  # fmt: skip
+        ranked = runner.rank(scores, top_k)
         resp.content_type = falcon.MEDIA_JSON
         resp.data = schema.encode(encode_classify(runner.signature, names, ranked))
 

@@ -8,16 +8,20 @@ text model (named, or the first one) and calls its :class:`~app.models.text.Text
 
 from __future__ import annotations
 
+import functools
+from typing import cast
+
 import falcon
 import numpy as np
 
 from app.errors import ErrorCode
 from app.models.errors import InvalidInput
 from app.models.repository import Repository
+from app.models.runner import Predictor
 from app.models.text import Embedded, TextRunner, Vocabulary
 from app.protocols import schema
 from app.protocols import text as protocol
-from app.resources.common import RepositoryResource, deadline, label, send
+from app.resources.common import RepositoryResource, deadline, label, mirror, send
 from app.resources.openapi import INFERENCE_ERRORS, documented
 
 _E = ErrorCode
@@ -50,7 +54,10 @@ class _TextResource(RepositoryResource):
             if call.sequences is not None
             else runner.sequences(call.texts or [], truncate=call.truncate)
         )
-        return runner.embed(sequences, deadline(req, runner))
+        embedded = runner.embed(sequences, deadline(req, runner))
+        replay = functools.partial(_replay_embed, call)
+        mirror(req, self._repository, runner, {SHADOW_OUTPUT: embedded.vectors}, replay)
+        return embedded
 
 
 class OpenAIEmbeddingsResource(_TextResource):
@@ -178,3 +185,20 @@ class DetokenizeResource(_TextResource):
         runner = self._vocabulary(req, call.model)
         texts = [runner.decode(seq, call.skip_special_tokens) for seq in call.sequences]
         send(resp, protocol.encode_detokenize(call, texts))
+
+
+#: The name shadow comparisons give an embedding route's vectors.
+SHADOW_OUTPUT = "embedding"
+
+
+def _replay_embed(
+    call: protocol.TextRequest, candidate: Predictor, due: float
+) -> dict[str, np.ndarray]:
+    """An embedding request again, on a shadow candidate with its own tokenizer."""
+    text = cast(TextRunner, candidate)  # a version of the same text model
+    sequences = (
+        text.check_sequences(call.sequences)
+        if call.sequences is not None
+        else text.sequences(call.texts or [], truncate=call.truncate)
+    )
+    return {SHADOW_OUTPUT: text.embed(sequences, due).vectors}

@@ -12,6 +12,7 @@ from app.resources.common import (
     JSON_TYPES,
     RepositoryResource,
     deadline,
+    mirror,
     read_body,
     require_media_type,
     resolve,
@@ -51,6 +52,13 @@ class PredictResource(RepositoryResource):
         body = read_body(req, self._limits)
         form, inputs = v1.parse_predict(body, runner.signature, self._limits.max_batch_rows)
         results = runner.predict(inputs, deadline=deadline(req, runner))
+        mirror(
+            req,
+            self._repository,
+            runner,
+            results,
+            lambda shadow, due: shadow.predict(inputs, None, due),
+        )
         resp.set_header("X-Model-Version", runner.signature.version)
         send(resp, v1.encode_predict(runner.signature, form, results))
 

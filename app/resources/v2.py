@@ -12,6 +12,7 @@ from app.resources.common import (
     JSON_TYPES,
     RepositoryResource,
     deadline,
+    mirror,
     read_body,
     require_media_type,
     resolve,
@@ -79,6 +80,10 @@ class ModelsResource(RepositoryResource):
         )
         due = deadline(req, runner, request.timeout)
         results = runner.predict(request.inputs, request.outputs, due)
+        mirror(
+            req, self._repository, runner, results,
+            lambda shadow, due: shadow.predict(request.inputs, request.outputs, due),
+        )  # fmt: skip
         data, json_length = v2.encode_infer(runner.signature, request, results)
         resp.set_header("X-Model-Version", runner.signature.version)
         resp.data = data

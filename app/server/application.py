@@ -10,7 +10,7 @@ answers is a ready worker.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ from app.metrics import Metrics
 from app.middleware import Authenticator
 from app.models.errors import RepositoryError
 from app.models.runner import Runner
+from app.models.shadow import ShadowJob
 from app.ratelimit import RateLimiter, create_state
-from app.resources.common import CLOSE_CONNECTION, HIJACKED
+from app.resources.common import CLOSE_CONNECTION, HIJACKED, SHADOW_JOBS
 from app.server.arbiter import ApplianceArbiter, open_listeners
 from app.server.compat import force_close, inherited_listeners
 from app.server.options import gunicorn_options
@@ -171,6 +172,9 @@ def closing_connections(app: Callable[..., Any]) -> Callable[..., Any]:
     and gunicorn then answers with ``Connection: close`` and reads no further. Falcon calls
     ``start_response`` before it returns, and gunicorn sends the headers only after.
 
+    Shadow jobs a route left in ``SHADOW_JOBS`` are submitted only when gunicorn closes the
+    answer's iterable, which it does once the answer has been written.
+
     A route that took the connection over (``HIJACKED``: a WebSocket, now ended) gets it
     closed with no HTTP answer written into it: gunicorn's workers close a connection
     quietly on StopIteration.
@@ -182,6 +186,29 @@ def closing_connections(app: Callable[..., Any]) -> Callable[..., Any]:
             raise StopIteration("the connection was a WebSocket")
         if environ.get(CLOSE_CONNECTION):
             force_close(start_response)
+        jobs = environ.get(SHADOW_JOBS)
+        if jobs:
+            return _AfterSend(result, jobs)
         return result
 
     return serve
+
+
+class _AfterSend:
+    """A WSGI answer that submits shadow jobs when the server closes it (after sending)."""
+
+    def __init__(self, body: Iterable[bytes], jobs: list[ShadowJob]) -> None:
+        self._body = body
+        self._jobs = jobs
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            for job in self._jobs:
+                job.submit()

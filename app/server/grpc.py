@@ -200,6 +200,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             request, runner.signature, self._limits.max_tensor_elements
         )
         results = runner.predict(inference.inputs, inference.outputs, call.deadline(runner.timeout))
+        shadow = self._repository.shadow(runner.signature.name, runner.signature.version)
+        if shadow is not None:
+            job = shadow.job(
+                runner.signature.version, results,
+                lambda candidate, due: candidate.predict(inference.inputs, inference.outputs, due),
+            )  # fmt: skip
+            call.after_answer(job.submit)
         return oip.encode_infer(runner.signature, inference, results, raw)
 
     # -- every call ---------------------------------------------------------------------------
@@ -209,7 +216,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> T:
         """Run ``answer`` as one call: id, key, deadline, errors, log line and metrics."""
         metadata = dict(context.invocation_metadata() or ())
-        call = _Call(request_id_from(metadata.get("x-request-id")), context)
+        call = _Call(request_id_from(metadata.get("x-request-id")), context, stream)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=call.request_id)
         if not stream:
@@ -282,8 +289,9 @@ class _StreamError(Exception):
 class _Call:
     """What one call has learnt about itself so far."""
 
-    def __init__(self, request_id: str, context: Any) -> None:
+    def __init__(self, request_id: str, context: Any, stream: bool = False) -> None:
         self.request_id = request_id
+        self._stream = stream
         self.started = time.perf_counter()
         self.arrived = time.monotonic()
         self._context = context
@@ -295,6 +303,12 @@ class _Call:
         """Name the model version serving the call (for logs and metrics)."""
         self.model, self.version = runner.signature.name, runner.signature.version
         return runner
+
+    def after_answer(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the answer is sent: when a unary call ends, at once in a
+        stream (whose end may be far off)."""
+        if self._stream or not self._context.add_callback(callback):
+            callback()  # add_callback is False when the call has already ended
 
     def deadline(self, timeout: float) -> float:
         """When the answer is due: the model's timeout from arrival, or the client's gRPC

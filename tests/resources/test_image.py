@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from PIL import Image
 
 from app.metrics import Metrics
 from app.models.repository import Repository
-from app.wsgi import create_app
+from app.server.application import closing_connections
+from app.wsgi import build_repository, create_app
 from tests.conftest import DEMO_MODELS, ROOT, make_settings
 from tests.models.test_image import png_header
 
@@ -178,3 +181,26 @@ def test_openapi_documents_the_upload(client: TestClient) -> None:
     schema = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert schema["properties"]["file"]["items"]["format"] == "binary"
     assert {"400", "413", "415"} <= set(operation["responses"])
+
+
+def test_uploads_are_replayed_on_the_shadow_and_compared_by_class(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(DEMO_MODELS / "digits", root / "digits")
+    shutil.copytree(root / "digits" / "1", root / "digits" / "2")
+    toml = root / "digits" / "model.toml"
+    text = toml.read_text().replace("[image]", "default_version = 1\n[image]")
+    toml.write_text(text + "\n[shadow]\nversion = 2\npercent = 100\n")
+    metrics = Metrics()
+    settings = make_settings(root)
+    repository = build_repository(settings, metrics)
+    repository.load()
+    client = TestClient(closing_connections(create_app(settings, repository, metrics)))
+    result = classify(client, form(sample(7), sample(2), sample(4)))
+    assert result.status_code == 200, result.text
+    shadow = repository.entry("digits").shadow
+    assert shadow is not None and shadow.executor.wait_idle(10)
+    labels = {"model": "digits", "version": "1", "candidate": "2", "output": "probabilities"}
+    same = metrics.registry.get_sample_value(
+        "onnx_appliance_shadow_labels_total", {**labels, "result": "same"}
+    )
+    assert same == 3

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
-from falcon.testing import TestClient
+from falcon.testing import TestClient, create_environ
 
+from app.metrics import Metrics
+from app.server.application import closing_connections
+from app.wsgi import build_repository, create_app
+from tests.conftest import make_settings
 from tests.resources.test_errors import assert_error
 
 TEXTS = ["A man is eating food.", "A man is eating a piece of bread.", "The sky is blue."]
@@ -137,3 +145,41 @@ def test_tensor_only_repositories_answer_404(client: TestClient) -> None:
     result = client.simulate_post("/embed", json={"inputs": "x"})
     assert_error(result, 404, "MODEL_NOT_FOUND")
     assert "no text model" in result.json["error"]
+
+
+def test_embeddings_are_replayed_on_the_shadow_after_the_answer(
+    text_models_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(text_models_dir / "minilm", root / "minilm")
+    shutil.copytree(root / "minilm" / "1", root / "minilm" / "2")
+    toml = root / "minilm" / "model.toml"
+    table = "[shadow]\nversion = 2\npercent = 100\n"
+    toml.write_text(f"default_version = 1\n{toml.read_text()}\n{table}")
+    metrics = Metrics()
+    settings = make_settings(root)
+    repository = build_repository(settings, metrics)
+    repository.load()
+    app = closing_connections(create_app(settings, repository, metrics))
+    environ = create_environ(
+        "/v1/embeddings",
+        method="POST",
+        body=json.dumps({"input": TEXTS, "model": "minilm"}),
+        headers={"Content-Type": "application/json"},
+    )
+    body = app(environ, lambda status, headers, exc_info=None: None)
+    assert json.loads(b"".join(body))["model"] == "minilm"
+    shadow = repository.entry("minilm").shadow
+    assert shadow is not None
+    assert shadow.executor.wait_idle(10)
+    compared = {"model": "minilm", "version": "1", "candidate": "2", "outcome": "compared"}
+    sample = metrics.registry.get_sample_value
+    assert sample("onnx_appliance_shadow_requests_total", compared) is None  # not sent yet
+    body.close()  # the server has written the answer
+    assert shadow.executor.wait_idle(10)
+    assert sample("onnx_appliance_shadow_requests_total", compared) == 1
+    # The same weights and tokenizer: every vector within float32 rounding of the primary's.
+    pair = {"model": "minilm", "version": "1", "candidate": "2", "output": "embedding"}
+    assert sample("onnx_appliance_shadow_cosine_distance_bucket", {**pair, "le": "1e-05"}) == len(
+        TEXTS
+    )
