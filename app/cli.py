@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app import __version__
+from app.client import local_get
 from app.settings import CONFIG_ENV, Settings, SettingsError, load_settings, runtime_dir
 
 if TYPE_CHECKING:
@@ -147,8 +148,63 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
     )
 
+    _rollout_parser(sub)
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def _rollout_parser(sub: Any) -> None:
+    from app.models.rollout import Thresholds
+
+    rollout_cmd = sub.add_parser(
+        "rollout",
+        help="move a model's traffic to a new version in steps, judged by its metrics",
+        description="Raise VERSION's share of MODEL's traffic step by step (each step a "
+        "graceful reload), judging each step after --interval seconds from the server's "
+        "metrics: the candidate's 5xx ratio and p99 latency against the primary's, and the "
+        "agreement of shadow comparisons. It advances, holds when there is too little "
+        "traffic, or rolls back to the primary. State lives in models.rollouts_dir/MODEL.json; "
+        "run it again to resume after an interruption. Exit status 0 when the candidate "
+        "reached 100%%, 1 when it was rolled back (or the server would not reload), 2 for "
+        "bad input.",
+    )
+    rollout_cmd.add_argument("model", metavar="MODEL")
+    what = rollout_cmd.add_mutually_exclusive_group(required=True)
+    what.add_argument("--to", type=int, metavar="VERSION", help="the candidate version")
+    what.add_argument("--status", action="store_true", help="print the rollout's state")
+    what.add_argument(
+        "--clear",
+        action="store_true",
+        help="remove a finished rollout's state (its traffic then comes from model.toml again)",
+    )
+    rollout_cmd.add_argument("--config", type=Path, help="settings file (as for serve)")
+    rollout_cmd.add_argument(
+        "--from", dest="primary", type=int, metavar="VERSION",
+        help="the primary (default: the version most traffic goes to now)",
+    )  # fmt: skip
+    rollout_cmd.add_argument("--steps", default="1,5,25,50,100", help="percentages, ending at 100")
+    defaults = Thresholds()
+    for flag, kind, help_text in (
+        ("interval-s", float, "seconds each step runs before it is judged"),
+        ("min-requests", int, "candidate requests a step needs to be judged"),
+        ("max-holds", int, "intervals a step may wait for traffic before rolling back"),
+        ("max-error-increase", float, "largest 5xx ratio above the primary's (0.01: 1 point)"),
+        ("max-latency-ratio", float, "largest p99 as a multiple of the primary's"),
+        ("min-latency-ms", float, "p99 differences below this never count"),
+        ("min-agreement", float, "smallest share of agreeing shadow comparisons"),
+        ("max-abs-difference", float, "numeric shadow answers agree within this"),
+    ):
+        default = getattr(defaults, flag.replace("-", "_"))
+        rollout_cmd.add_argument(
+            f"--{flag}", type=kind, default=default, help=f"{help_text} (default {default:g})"
+        )
+    rollout_cmd.add_argument("--pid", type=int, help="the master's pid, to signal reloads")
+    rollout_cmd.add_argument("--pidfile", help="the master's pidfile (default: server.pidfile)")
+    rollout_cmd.add_argument(
+        "--reload-command",
+        default="",
+        help="command that reloads the server, e.g. 'systemctl reload onnx-appliance'",
+    )
 
 
 def _fail(message: str) -> int:
@@ -396,7 +452,7 @@ def health(args: argparse.Namespace) -> int:
         return _fail(f"--timeout {args.timeout:g} is out of range: use more than 0, at most 300")
     address = settings.server.bind[0]
     try:
-        status = _get_status(address, READY_PATH, args.timeout)
+        status, _ = local_get(address, READY_PATH, args.timeout)
     except OSError as exc:
         print(f"onnx-appliance: not answering on {address}: {exc}", file=sys.stderr)
         return EXIT_UNHEALTHY
@@ -407,32 +463,136 @@ def health(args: argparse.Namespace) -> int:
     return 0
 
 
-def _get_status(address: str, path: str, timeout: float) -> int:
-    """The status of ``GET path`` at a bind address (``host:port`` or ``unix:/path``)."""
-    import http.client
-    import socket
+#: (flag, attribute, low, high) of the rollout thresholds an operator may set.
+_THRESHOLD_RANGES = (
+    ("--interval-s", "interval_s", 0.1, 86_400.0),
+    ("--min-requests", "min_requests", 1, 10_000_000),
+    ("--max-holds", "max_holds", 0, 1000),
+    ("--max-error-increase", "max_error_increase", 0.0, 1.0),
+    ("--max-latency-ratio", "max_latency_ratio", 1.0, 1000.0),
+    ("--min-latency-ms", "min_latency_ms", 0.0, 60_000.0),
+    ("--min-agreement", "min_agreement", 0.0, 1.0),
+    ("--max-abs-difference", "max_abs_difference", 0.0, 1e9),
+)
 
-    if address.startswith("unix:"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        try:
-            sock.connect(address[len("unix:") :])
-        except OSError:
-            sock.close()
-            raise
-        conn = http.client.HTTPConnection("localhost", timeout=timeout)
-        conn.sock = sock
-    else:
-        host, _, port = address.rpartition(":")
-        host = host.strip("[]")
-        # A wildcard listens on loopback too, the one address sure to be there.
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
-        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+
+def rollout(args: argparse.Namespace) -> int:
+    """Start, resume, show or clear a model's gradual rollout."""
+    from app.models.rollout import RolloutFileError, Thresholds, read_state, state_path
+    from app.rollout import Controller, RolloutError, load_or_start, new_state, parse_steps
+
     try:
-        conn.request("GET", path)
-        return conn.getresponse().status
-    finally:
-        conn.close()
+        settings = load_settings(_config_path(args), check_repository=True)
+    except SettingsError as exc:
+        return _fail(str(exc))
+    if not settings.models.rollouts_dir:
+        return _fail("models.rollouts_dir is empty: rollouts need a folder for their state")
+    directory = Path(settings.models.rollouts_dir)
+    path = state_path(directory, args.model)
+    try:
+        if args.status:
+            found = read_state(path)
+            if found is None:
+                print(f"no rollout of {args.model!r} in {directory}")
+            else:
+                import msgspec
+
+                print(msgspec.json.format(msgspec.json.encode(found), indent=2).decode())
+            return 0
+        if args.clear:
+            found = read_state(path)
+            if found is not None and found.status == "running":
+                return _fail(f"the rollout of {args.model!r} is still running; let it finish")
+            path.unlink(missing_ok=True)
+            print(f"cleared; reload the server for {args.model!r} to take model.toml's traffic")
+            return 0
+    except (RolloutFileError, OSError) as exc:
+        return _fail(str(exc))
+    values = {}
+    for flag, name, low, high in _THRESHOLD_RANGES:
+        value = getattr(args, name)
+        if not low <= value <= high:  # NaN too: every comparison with it is false
+            return _fail(f"{flag} {value:g} is out of range {low:g}..{high:g}")
+        values[name] = value
+    try:
+        steps = parse_steps(args.steps)
+    except ValueError as exc:
+        return _fail(str(exc))
+    plan = _rollout_plan(settings, args, directory)
+    if isinstance(plan, str):
+        return _fail(plan)
+    primary, reload_signal = plan
+    from app.logging import configure_logging
+
+    configure_logging(settings.logging.level, settings.logging.format)
+    thresholds = Thresholds(**values)
+    try:
+        state, resumed = load_or_start(
+            directory,
+            args.model,
+            lambda: new_state(args.model, primary, args.to, steps, thresholds),
+            args.to,
+        )
+        if not resumed:
+            from app.models.rollout import write_state
+
+            write_state(path, state)  # the first step is on record before it is applied
+    except (ValueError, RolloutFileError) as exc:
+        return _fail(str(exc))
+    import structlog
+
+    structlog.get_logger("app.rollout").info(
+        "rollout_resumed" if resumed else "rollout_started",
+        model=state.model, primary=state.primary, candidate=state.candidate,
+        steps=state.steps, step=state.step, state_file=str(path),
+    )  # fmt: skip
+    controller = Controller(
+        path, settings.server.bind[0], reload_signal, settings.server.reload_timeout + 30.0
+    )
+    try:
+        final = controller.run(state)
+    except (RolloutError, RolloutFileError) as exc:
+        structlog.get_logger("app.rollout").error("rollout_stopped", error=str(exc))
+        print(f"onnx-appliance: rollout stopped: {exc}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    return 0 if final.status == "complete" else EXIT_UNHEALTHY
+
+
+def _rollout_plan(
+    settings: Settings, args: argparse.Namespace, directory: Path
+) -> tuple[int, Any] | str:
+    """The primary version and how to reload, or what is wrong."""
+    from app.errors import ApplianceError
+    from app.models.errors import RepositoryError
+    from app.models.onnx import RuntimeOptions
+    from app.models.repository import Repository
+    from app.rollout import reloader
+
+    if not settings.metrics.enabled:
+        return "the rollout judges from the server's metrics: metrics.enabled must be true"
+    try:
+        repository = Repository.scan(
+            Path(settings.models.repository), RuntimeOptions(), rollouts=directory
+        )
+        entry = repository.entry(args.model)
+    except (RepositoryError, ApplianceError) as exc:
+        return str(exc)
+    versions = ", ".join(map(str, sorted(entry.versions)))
+    if args.to not in entry.versions:
+        return f"model {args.model!r} has no version {args.to} (versions: {versions})"
+    primary = args.primary
+    if primary is None:
+        shares = {int(v): s for v, s in entry.traffic_shares().items() if int(v) != args.to}
+        primary = max(shares, key=lambda v: (shares[v], v)) if shares else None
+    if primary is None or primary == args.to or primary not in entry.versions:
+        return f"model {args.model!r} needs a primary version other than {args.to} (--from)"
+    pidfile = args.pidfile or settings.server.pidfile
+    if args.pid is None and not pidfile and not args.reload_command:
+        return (
+            "no way to reload the server: pass --reload-command (under systemd: "
+            "'systemctl reload onnx-appliance'), --pid, or set server.pidfile"
+        )
+    return primary, reloader(args.pid, pidfile, args.reload_command)
 
 
 def _routing(entry: ModelEntry, version: int) -> str:
@@ -457,6 +617,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args)
     if args.command == "health":
         return health(args)
+    if args.command == "rollout":
+        return rollout(args)
     if args.command == "check":
         import structlog
 

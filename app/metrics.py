@@ -210,6 +210,23 @@ class Metrics:
             buckets=(1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 0.5, 1.0, 2.0),
             registry=r,
         )
+        self.traffic_share = Gauge(
+            f"{PREFIX}_traffic_share_percent",
+            "Percent of the requests naming no version that each version gets (model.toml's "
+            "traffic, or a rollout's), as loaded by the live workers.",
+            ["model", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.rollout = Gauge(
+            f"{PREFIX}_rollout_percent",
+            "Candidate traffic of a model's rollout (onnx-appliance rollout), by primary, "
+            "candidate and status (running, complete, rolled_back), as loaded by the live "
+            "workers.",
+            ["model", "primary", "candidate", "status"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.in_flight = Gauge(
             f"{PREFIX}_requests_in_flight",
             "Requests being handled right now.",

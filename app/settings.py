@@ -25,6 +25,7 @@ from app.ratelimit import LimitError, check_burst, check_rate
 
 DEFAULT_CONFIG_PATH = Path("/etc/onnx-appliance/appliance.toml")
 DEFAULT_MODEL_REPOSITORY = Path("/var/lib/onnx-appliance/models")
+DEFAULT_ROLLOUTS_DIR = Path("/var/lib/onnx-appliance/rollouts")
 ENV_PREFIX = "ONNX_APPLIANCE_"
 #: Where the CLI finds the configuration file when --config is not given.
 CONFIG_ENV = "ONNX_APPLIANCE_CONFIG"
@@ -140,11 +141,14 @@ class ModelsSettings(_Section):
         default_model: Model served by ``POST /predict``; "" means the only model, or the
             first in name order.
         warmup_runs: Inference runs per model version before the worker reports ready.
+        rollouts_dir: Where ``onnx-appliance rollout`` keeps its state, one file per model
+            whose traffic weights replace ``model.toml``'s ("" for no rollouts).
     """
 
     repository: str = str(DEFAULT_MODEL_REPOSITORY)
     default_model: str = ""
     warmup_runs: int = 3
+    rollouts_dir: str = str(DEFAULT_ROLLOUTS_DIR)
 
 
 class LimitsSettings(_Section):
@@ -456,6 +460,7 @@ def load_settings(
 #: are relative to the file's folder, not to wherever the command was started.
 PATH_KEYS = (
     ("models", "repository"),
+    ("models", "rollouts_dir"),
     ("auth", "keys_file"),
     ("server", "runtime_dir"),
     ("server", "pidfile"),

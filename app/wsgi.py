@@ -172,6 +172,11 @@ def build_repository(
     options = runtime_options(settings)
     if model_file:
         return Repository.single_file(Path(model_file), options, model_name or None, observer)
+    rollouts = settings.models.rollouts_dir
     return Repository.scan(
-        Path(settings.models.repository), options, settings.models.default_model, observer
+        Path(settings.models.repository),
+        options,
+        settings.models.default_model,
+        observer,
+        Path(rollouts) if rollouts else None,
     )

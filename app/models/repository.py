@@ -33,6 +33,7 @@ from app.models.onnx import (
     TextOptions,
 )
 from app.models.onnx_proto import ProtoError, external_data_locations, looks_like_model
+from app.models.rollout import RolloutState, traffic_override
 from app.models.runner import Predictor, Runner
 from app.models.shadow import Shadow, ShadowExecutor, ShadowObserver, ShadowOptions
 from app.models.text import TOKENIZER_FILE, TextRunner, Vocabulary
@@ -386,6 +387,15 @@ class ModelEntry:
     versions: dict[int, OnnxModel] = field(default_factory=dict)
     runners: dict[int, Predictor] = field(default_factory=dict)
     shadow: Shadow | None = None
+    rollout: RolloutState | None = None
+
+    def traffic_shares(self) -> dict[str, float]:
+        """Percent of the requests naming no version that each version gets."""
+        weights = self.config.traffic
+        if not weights:
+            return {str(self.default_version): 100.0}
+        total = sum(weights.values())
+        return {version: 100 * weight / total for version, weight in weights.items()}
 
     @property
     def default_version(self) -> int:
@@ -442,8 +452,17 @@ class Repository:
         options: RuntimeOptions,
         default_model: str = "",
         observer: RepositoryObserver | None = None,
+        rollouts: Path | None = None,
     ) -> Repository:
         """Read the layout and configs under ``root`` without creating sessions.
+
+        Args:
+            root: The repository folder.
+            options: Server-wide session options.
+            default_model: Model behind ``/predict`` ("" for the first).
+            observer: Where models and shadows report.
+            rollouts: Folder of rollout state files whose traffic replaces ``model.toml``'s
+                (see :mod:`app.models.rollout`); None for none.
 
         Raises:
             RepositoryError: an unusable layout, config or model file.
@@ -459,6 +478,9 @@ class Repository:
             if model_dir.name.startswith(".") or not model_dir.is_dir():
                 continue
             entry = _scan_model(root, model_dir, options, observer)
+            entry.rollout = traffic_override(rollouts, entry.name, set(entry.versions))
+            if entry.rollout is not None:
+                entry.config.traffic = dict(entry.rollout.traffic)
             entries[entry.name] = entry
         if not entries:
             raise RepositoryError(

@@ -134,6 +134,19 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
             log.error("worker_boot_failed", error=str(exc))
             raise SystemExit(WORKER_BOOT_ERROR) from None
         metrics.models_loaded.set(sum(1 for _ in repository.models()))
+        for name in repository.names:
+            entry = repository.entry(name)
+            for version, share in entry.traffic_shares().items():
+                metrics.traffic_share.labels(name, version).set(share)
+            if entry.rollout is not None:
+                rollout = entry.rollout
+                metrics.rollout.labels(
+                    name, str(rollout.primary), str(rollout.candidate), rollout.status
+                ).set(
+                    rollout.traffic.get(str(rollout.candidate), 0)
+                    * 100
+                    / sum(rollout.traffic.values())
+                )
         metrics.worker_starts.inc()
         limiter = RateLimiter(state.limiter_path) if state.limiter_path else None
         app = create_app(state.settings, repository, metrics, state.keys, limiter)

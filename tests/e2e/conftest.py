@@ -182,10 +182,12 @@ def run_server(
     workers: int = 2,
     wait: bool = True,
     server_conf: str = "",
+    models_conf: str = "",
 ) -> Iterator[Server]:
     """Start the CLI with a config in ``tmp``; stop it (SIGTERM) afterwards.
 
-    ``server_conf`` lines go into the ``[server]`` section, ``config`` after everything.
+    ``server_conf`` lines go into the ``[server]`` section, ``models_conf`` into ``[models]``,
+    ``config`` after everything.
     """
     port = free_port()
     socket_path = str(tmp / "app.sock")
@@ -194,7 +196,7 @@ def run_server(
     config_path.write_text(
         f'[server]\nbind = ["127.0.0.1:{port}", "unix:{socket_path}"]\nworkers = {workers}\n'
         f"{server_conf}\n"
-        f'[models]\nrepository = "{models}"\n'
+        f'[models]\nrepository = "{models}"\n{models_conf}\n'
         + ('default_model = "tabular"\n' if (models / "tabular").is_dir() else "")
         + f'[metrics]\nmultiproc_dir = "{metrics_dir}"\n'
         + config
