@@ -329,3 +329,75 @@ def test_check_refuses_an_unreadable_contract_in_one_line(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "contract snapshot" in result.stderr and "unreadable" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _rollout_config(tmp_path: Path, extra: str = "") -> Path:
+    models = tmp_path / "models"
+    for version in (1, 2):
+        onnx_factory.save(onnx_factory.classifier(), models, "clf", version)
+    (models / "clf" / "model.toml").write_text("default_version = 1\n")
+    config = tmp_path / "appliance.toml"
+    config.write_text(
+        f'[server]\npidfile = "{tmp_path / "server.pid"}"\n'
+        f'[models]\nrepository = "{models}"\nrollouts_dir = "{tmp_path / "rollouts"}"\n{extra}'
+    )
+    return config
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("clf", "--to", "3"), "has no version 3 (versions: 1, 2)"),
+        (("nope", "--to", "2"), "model 'nope' is not served here"),
+        (("clf", "--to", "1"), "needs a primary version other than 1"),
+        (("clf", "--to", "2", "--from", "5"), "needs a primary version other than 2"),
+        (("clf", "--to", "2", "--steps", "50,25,100"), "must rise at every step"),
+        (("clf", "--to", "2", "--interval-s", "0"), "--interval-s 0 is out of range"),
+        (("clf", "--to", "2", "--min-agreement", "1.5"), "--min-agreement 1.5 is out of range"),
+        (("clf", "--to", "2", "--max-error-increase", "nan"), "out of range"),
+    ],
+)
+def test_rollout_refuses_bad_input_with_one_line(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    config = _rollout_config(tmp_path)
+    result = run("rollout", *args, "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "rollouts").exists()  # nothing written, nothing signalled
+
+
+def test_rollout_needs_metrics_and_a_way_to_reload(tmp_path: Path) -> None:
+    config = _rollout_config(tmp_path, "[metrics]\nenabled = false\n")
+    result = run("rollout", "clf", "--to", "2", "--config", str(config))
+    assert result.returncode == 2 and "metrics.enabled must be true" in result.stderr
+    config.write_text(config.read_text().replace("[metrics]\nenabled = false\n", ""))
+    config.write_text(config.read_text().replace(f'pidfile = "{tmp_path / "server.pid"}"', ""))
+    result = run("rollout", "clf", "--to", "2", "--config", str(config))
+    assert result.returncode == 2 and "no way to reload the server" in result.stderr
+
+
+def test_rollout_status_clear_and_a_second_candidate(tmp_path: Path) -> None:
+    from app.models.rollout import Thresholds, state_path, write_state
+    from app.rollout import new_state
+
+    config = _rollout_config(tmp_path)
+    onnx_factory.save(onnx_factory.classifier(), tmp_path / "models", "clf", 3)
+    assert (
+        "no rollout of 'clf'" in run("rollout", "clf", "--status", "--config", str(config)).stdout
+    )
+    path = state_path(tmp_path / "rollouts", "clf")
+    write_state(path, new_state("clf", 1, 2, [10, 100], Thresholds()))
+    status = run("rollout", "clf", "--status", "--config", str(config))
+    assert json.loads(status.stdout)["status"] == "running"
+    other = run("rollout", "clf", "--to", "3", "--config", str(config))
+    assert other.returncode == 2 and "a rollout of 'clf' to version 2 is running" in other.stderr
+    cleared = run("rollout", "clf", "--clear", "--config", str(config))
+    assert cleared.returncode == 2 and "still running" in cleared.stderr
+    path.write_text(path.read_text().replace('"running"', '"complete"'))
+    assert run("rollout", "clf", "--clear", "--config", str(config)).returncode == 0
+    assert not path.exists()
+    # No server behind the pidfile: stopped with one line, the first step on record to resume.
+    result = run("rollout", "clf", "--to", "2", "--config", str(config))
+    assert result.returncode == 1 and "rollout stopped" in result.stderr
+    assert json.loads(path.read_text())["step"] == 0
