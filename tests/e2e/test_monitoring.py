@@ -20,6 +20,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from app.models.rollout import Thresholds, state_path, write_state
+from app.rollout import new_state
 from tests.conftest import DEMO_MODELS, wait_until
 from tests.e2e.conftest import Server, add_key, free_port, run_server
 from tests.packaging.monitoring.queries import (
@@ -59,10 +61,21 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     models = tmp / "models"
     shutil.copytree(DEMO_MODELS, models)
     (models / "mlp" / "model.toml").write_text("[batching]\nmax_batch_size = 8\n")
+    # Shadow replays of tabular on its version 1, and a rolled-back rollout keeping it on 2.
+    table = models / "tabular" / "model.toml"
+    table.write_text(table.read_text() + "\n[shadow]\nversion = 1\npercent = 100\n")
+    rollout = new_state("tabular", 2, 1, [100], Thresholds())
+    rollout.status, rollout.traffic = "rolled_back", {"2": 100, "1": 0}
+    write_state(state_path(tmp / "rollouts", "tabular"), rollout)
     keys = tmp / "api-keys"
     key = add_key(keys, "ci")
     slow = add_key(keys, "slow", "--rate", "0.001", "--burst", "1")
-    with run_server(tmp, models=models, config=f'[auth]\nkeys_file = "{keys}"\n') as server:
+    with run_server(
+        tmp,
+        models=models,
+        config=f'[auth]\nkeys_file = "{keys}"\n',
+        models_conf=f'rollouts_dir = "{tmp / "rollouts"}"',
+    ) as server:
         statuses = [
             _post(server, "/v1/models/tabular:predict", {"instances": [ROW]}, key),
             _post(server, "/v1/models/mlp:predict", {"instances": [[0.1] * 256]}, key),
@@ -71,8 +84,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             _post(server, "/v1/models/tabular:predict", {"instances": [ROW]}, slow),
         ]
         assert statuses == [200, 200, 404, 200, 429], statuses
+        wait_until(
+            lambda: "onnx_appliance_shadow_labels_total{" in _scrape_text(server),
+            "the shadow replays compared",
+        )
         server.extra["key"] = key
         yield server
+
+
+def _scrape_text(server: Server) -> str:
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as response:
+        return str(response.read().decode())
 
 
 def test_every_metric_the_pack_names_is_exported(served: Server) -> None:
