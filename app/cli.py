@@ -149,6 +149,25 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     _rollout_parser(sub)
+    drift_cmd = sub.add_parser(
+        "drift",
+        help="capture a model's reference window of input statistics, or show drift scores",
+        description="With --capture-reference SECONDS: read the running server's input "
+        "statistics of MODEL (a model with [drift]), wait SECONDS while good traffic flows, "
+        "read them again, and write each input feature's mean and standard deviation over "
+        "that window to models.drift_dir/MODEL.json; the workers score recent inputs "
+        "against it from then on (onnx_appliance_input_drift). With --show: print the "
+        "reference and the current scores. Exit status 1 when the window had too little "
+        "traffic or the server does not answer, 2 for bad input.",
+    )
+    drift_cmd.add_argument("model", metavar="MODEL")
+    drift_what = drift_cmd.add_mutually_exclusive_group(required=True)
+    drift_what.add_argument("--capture-reference", type=float, metavar="SECONDS")
+    drift_what.add_argument("--show", action="store_true")
+    drift_cmd.add_argument(
+        "--min-rows", type=int, default=100, help="rows each input needs in the window (100)"
+    )
+    drift_cmd.add_argument("--config", type=Path, help="settings file (as for serve)")
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -558,6 +577,64 @@ def rollout(args: argparse.Namespace) -> int:
     return 0 if final.status == "complete" else EXIT_UNHEALTHY
 
 
+def drift(args: argparse.Namespace) -> int:
+    """Capture a drift reference from the running server, or show one and the scores."""
+    import msgspec
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from app.client import NoMetrics, local_metrics
+    from app.drift import TooLittleTraffic, capture_reference, reference_path
+    from app.files import write_atomically
+    from app.models.drift import read_reference
+
+    try:
+        settings = load_settings(_config_path(args), check_repository=False)
+    except SettingsError as exc:
+        return _fail(str(exc))
+    if not settings.models.drift_dir:
+        return _fail("models.drift_dir is empty: drift references need a folder")
+    if not settings.metrics.enabled:
+        return _fail("drift statistics travel in the server's metrics: metrics.enabled is off")
+    path = reference_path(Path(settings.models.drift_dir), args.model)
+    address = settings.server.bind[0]
+    try:
+        if args.show:
+            reference = read_reference(path, args.model) if path.exists() else None
+            text = local_metrics(address)
+            scores = {
+                (s.labels["version"], s.labels["input"]): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "onnx_appliance_input_drift" and s.labels.get("model") == args.model
+            }
+            shown = {
+                "reference": msgspec.to_builtins(reference) if reference else None,
+                "scores": [
+                    {"version": v, "input": i, "score": round(score, 6)}
+                    for (v, i), score in sorted(scores.items())
+                ],
+            }
+            print(msgspec.json.format(msgspec.json.encode(shown), indent=2).decode())
+            return 0
+        seconds = args.capture_reference
+        if not 1 <= seconds <= 86_400:
+            return _fail(f"--capture-reference {seconds:g} is out of range 1..86400 seconds")
+        if not 1 <= args.min_rows <= 1_000_000_000:
+            return _fail(f"--min-rows {args.min_rows} is out of range 1..1000000000")
+        reference = capture_reference(
+            lambda: local_metrics(address), args.model, seconds, args.min_rows
+        )
+        write_atomically(path, msgspec.json.format(msgspec.json.encode(reference), indent=2))
+    except (NoMetrics, TooLittleTraffic) as exc:
+        print(f"onnx-appliance: {exc}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    except OSError as exc:
+        return _fail(f"cannot write {path}: {exc}")
+    features = sum(len(f) for f in reference.inputs.values())
+    print(f"reference of {args.model!r} written to {path} ({features} features); scored from now")
+    return 0
+
+
 def _rollout_plan(
     settings: Settings, args: argparse.Namespace, directory: Path
 ) -> tuple[int, Any] | str:
@@ -619,6 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return health(args)
     if args.command == "rollout":
         return rollout(args)
+    if args.command == "drift":
+        return drift(args)
     if args.command == "check":
         import structlog
 

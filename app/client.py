@@ -35,3 +35,22 @@ def local_get(address: str, path: str, timeout: float) -> tuple[int, bytes]:
         return response.status, response.read()
     finally:
         conn.close()
+
+
+class NoMetrics(Exception):
+    """The server does not answer its metrics."""
+
+
+def local_metrics(address: str, timeout: float = 10) -> str:
+    """The exposition text of ``GET /metrics`` at a bind address.
+
+    Raises:
+        NoMetrics: nothing answers, or the answer is not 200.
+    """
+    try:
+        status, body = local_get(address, "/metrics", timeout)
+    except OSError as exc:
+        raise NoMetrics(f"the server does not answer on {address}: {exc}") from None
+    if status != 200:
+        raise NoMetrics(f"GET /metrics on {address} answered HTTP {status}")
+    return body.decode("utf-8", "replace")

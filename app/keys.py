@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.files import write_atomically
 from app.ratelimit import LimitError, check_burst, check_rate
 
 PREFIX = "oa"
@@ -134,15 +133,9 @@ class KeyStore:
     def save(self, path: Path) -> None:
         """Write the file atomically with mode 0640."""
         body = _HEADER + "".join(f"{k.line()}\n" for k in self.keys.values())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".api-keys.")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(body)
-            Path(tmp).chmod(0o640)
-            Path(tmp).replace(path)
+            write_atomically(path, body.encode(), 0o640)
         except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
             raise KeyFileError(f"keys file {path} cannot be written: {exc}") from None
 
     def verify(self, token: str) -> ApiKey | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +210,35 @@ class Metrics:
             buckets=(1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.1, 0.5, 1.0, 2.0),
             registry=r,
         )
+        feature = ["model", "version", "input", "feature"]
+        self.input_rows = Counter(
+            f"{PREFIX}_input_rows",
+            "Rows seen per input feature of models with [drift] (summed each second).",
+            feature,
+            registry=r,
+        )
+        self.input_sum = Gauge(
+            f"{PREFIX}_input_sum",
+            "Sum of the values per input feature of models with [drift]; with "
+            "input_rows_total and input_squares_total, their mean and variance over any window.",
+            feature,
+            registry=r,
+            multiprocess_mode="sum",
+        )
+        self.input_squares = Counter(
+            f"{PREFIX}_input_squares",
+            "Sum of the squared values per input feature of models with [drift].",
+            feature,
+            registry=r,
+        )
+        self.input_drift_score = Gauge(
+            f"{PREFIX}_input_drift",
+            "Drift score of each input against its reference: the largest shift of a "
+            "feature's recent mean, in reference standard deviations (the worst live worker).",
+            ["model", "version", "input"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.traffic_share = Gauge(
             f"{PREFIX}_traffic_share_percent",
             "Percent of the requests naming no version that each version gets (model.toml's "
@@ -366,6 +395,21 @@ class Metrics:
         for value in cosine_distance.tolist():
             cosine.observe(value)
 
+    def input_stats(
+        self, model: str, version: str, name: str, features: Sequence[str],
+        rows: Any, sums: Any, squares: Any,
+    ) -> None:  # fmt: skip
+        """Add a second's input statistics of one input, feature by feature."""
+        for i, feature in enumerate(features):
+            if rows[i]:
+                self.input_rows.labels(model, version, name, feature).inc(float(rows[i]))
+                self.input_sum.labels(model, version, name, feature).inc(float(sums[i]))
+                self.input_squares.labels(model, version, name, feature).inc(float(squares[i]))
+
+    def input_drift(self, model: str, version: str, name: str, score: float) -> None:
+        """Set an input's drift score."""
+        self.input_drift_score.labels(model, version, name).set(score)
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type; all workers' values in multiprocess mode."""
         if multiprocess_enabled():
@@ -406,7 +450,8 @@ def compact_dead_worker(pid: int) -> None:
         return
     directory = Path(os.environ[MULTIPROC_ENV])
     with _directory_lock(fcntl.LOCK_EX):
-        for kind in ("counter", "histogram", "summary"):
+        # Summed gauges (input sums) too: their dead workers' values still count.
+        for kind in ("counter", "histogram", "summary", "gauge_sum"):
             dead = directory / f"{kind}_{pid}.db"
             if not dead.exists():
                 continue

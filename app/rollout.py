@@ -27,7 +27,7 @@ from pathlib import Path
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.client import local_get
+from app.client import NoMetrics, local_metrics
 from app.models.rollout import (
     Decision,
     RolloutState,
@@ -279,12 +279,9 @@ class Controller:
             RolloutError: the server does not answer, or has no metrics.
         """
         try:
-            status, body = local_get(self.address, "/metrics", 10)
-        except OSError as exc:
-            raise RolloutError(f"the server does not answer on {self.address}: {exc}") from None
-        if status != 200:
-            raise RolloutError(f"GET /metrics on {self.address} answered HTTP {status}")
-        return body.decode("utf-8", "replace")
+            return local_metrics(self.address)
+        except NoMetrics as exc:
+            raise RolloutError(str(exc)) from None
 
     def _save(self, state: RolloutState) -> None:
         write_state(self.path, state)

@@ -26,6 +26,7 @@ from app.ratelimit import LimitError, check_burst, check_rate
 DEFAULT_CONFIG_PATH = Path("/etc/onnx-appliance/appliance.toml")
 DEFAULT_MODEL_REPOSITORY = Path("/var/lib/onnx-appliance/models")
 DEFAULT_ROLLOUTS_DIR = Path("/var/lib/onnx-appliance/rollouts")
+DEFAULT_DRIFT_DIR = Path("/var/lib/onnx-appliance/drift")
 ENV_PREFIX = "ONNX_APPLIANCE_"
 #: Where the CLI finds the configuration file when --config is not given.
 CONFIG_ENV = "ONNX_APPLIANCE_CONFIG"
@@ -143,12 +144,18 @@ class ModelsSettings(_Section):
         warmup_runs: Inference runs per model version before the worker reports ready.
         rollouts_dir: Where ``onnx-appliance rollout`` keeps its state, one file per model
             whose traffic weights replace ``model.toml``'s ("" for no rollouts).
+        drift_dir: Where ``onnx-appliance drift`` keeps each model's reference window of
+            input statistics ("" for no drift scores).
+        capture_dir: Where models with ``[drift.capture]`` write sampled payloads ("" for
+            nowhere: such a model is refused). The service must be able to write it.
     """
 
     repository: str = str(DEFAULT_MODEL_REPOSITORY)
     default_model: str = ""
     warmup_runs: int = 3
     rollouts_dir: str = str(DEFAULT_ROLLOUTS_DIR)
+    drift_dir: str = str(DEFAULT_DRIFT_DIR)
+    capture_dir: str = ""
 
 
 class LimitsSettings(_Section):
@@ -461,6 +468,8 @@ def load_settings(
 PATH_KEYS = (
     ("models", "repository"),
     ("models", "rollouts_dir"),
+    ("models", "drift_dir"),
+    ("models", "capture_dir"),
     ("auth", "keys_file"),
     ("server", "runtime_dir"),
     ("server", "pidfile"),

@@ -172,11 +172,13 @@ def build_repository(
     options = runtime_options(settings)
     if model_file:
         return Repository.single_file(Path(model_file), options, model_name or None, observer)
-    rollouts = settings.models.rollouts_dir
+    models = settings.models
     return Repository.scan(
-        Path(settings.models.repository),
+        Path(models.repository),
         options,
-        settings.models.default_model,
+        models.default_model,
         observer,
-        Path(rollouts) if rollouts else None,
+        rollouts=Path(models.rollouts_dir) if models.rollouts_dir else None,
+        drift=Path(models.drift_dir) if models.drift_dir else None,
+        capture=Path(models.capture_dir) if models.capture_dir else None,
     )

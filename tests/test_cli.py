@@ -401,3 +401,21 @@ def test_rollout_status_clear_and_a_second_candidate(tmp_path: Path) -> None:
     result = run("rollout", "clf", "--to", "2", "--config", str(config))
     assert result.returncode == 1 and "rollout stopped" in result.stderr
     assert json.loads(path.read_text())["step"] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "extra", "message"),
+    [
+        (("--capture-reference", "0.5"), "", "out of range 1..86400"),
+        (("--capture-reference", "5", "--min-rows", "0"), "", "--min-rows 0 is out of range"),
+        (("--show",), "[metrics]\nenabled = false\n", "metrics.enabled is off"),
+    ],
+)
+def test_drift_refuses_bad_input_with_one_line(
+    tmp_path: Path, args: tuple[str, ...], extra: str, message: str
+) -> None:
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'[models]\ndrift_dir = "{tmp_path / "drift"}"\n{extra}')
+    result = run("drift", "clf", *args, "--config", str(config))
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and message in result.stderr

@@ -10,13 +10,12 @@ file is then rewritten with the repository's contracts.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from app.files import write_atomically
 from app.models.signature import Signature, TensorSpec
 
 FORMAT = 1
@@ -138,12 +137,6 @@ def save(path: Path, contracts: Mapping[str, Contract]) -> None:
         "models": {name: asdict(contract) for name, contract in sorted(contracts.items())},
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=".contract-", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(document, out, indent=1)
-            out.write("\n")
-        Path(temporary).chmod(0o644)
-        Path(temporary).replace(path)
+        write_atomically(path, (json.dumps(document, indent=1) + "\n").encode())
     except OSError as exc:
         raise ContractFileError(f"cannot write contract snapshot {path}: {exc}") from None

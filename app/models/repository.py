@@ -20,6 +20,7 @@ import structlog
 
 from app.models.batching import BatchingOptions
 from app.models.cache import CacheOptions
+from app.models.drift import CaptureOptions, Drift, DriftObserver, DriftOptions
 from app.models.errors import ModelNotFound, ModelNotReady, RepositoryError
 from app.models.generation import CHAT_TEMPLATE_FILE, Generator
 from app.models.image import KNOWN_FORMATS, ImageRunner
@@ -332,6 +333,79 @@ class ShadowConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return ShadowOptions(self.version, float(self.percent), self.max_queue)
 
 
+class CaptureConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[drift.capture]``: store a sampled share of the model's request payloads (nothing
+    is stored without it).
+
+    Attributes:
+        percent: Share of requests captured (0 < p <= 100).
+        max_file_mib: A file is closed at this size, in MiB.
+        max_files: Files kept for the model; the oldest are removed.
+        redact: Inputs whose values are never written.
+    """
+
+    percent: float = 1.0
+    max_file_mib: int = 16
+    max_files: int = 8
+    redact: list[str] = msgspec.field(default_factory=list)
+
+
+class DriftConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[drift]`` in ``model.toml``: input statistics and a drift score against a
+    reference window (see :mod:`app.models.drift`).
+
+    Attributes:
+        window_s: Time constant of the recent statistics scored, in seconds.
+        max_features: Features tracked per input (the first ones).
+        capture: Sampled payload capture (``[drift.capture]``); off when absent.
+    """
+
+    window_s: float = 300.0
+    max_features: int = 32
+    capture: CaptureConfig | None = None
+
+    def options(self, model: str, drift_dir: Path | None, capture_dir: Path | None) -> DriftOptions:
+        """Validated options.
+
+        Raises:
+            RepositoryError: a value out of range, or capture without a folder.
+        """
+        where = f"model {model!r}: {MODEL_CONFIG}: drift"
+        if not 1 <= self.window_s <= 86_400:
+            raise RepositoryError(f"{where}: window_s {self.window_s:g} is out of range 1..86400")
+        problem = out_of_range("max_features", self.max_features, 1, 1024)
+        if problem:
+            raise RepositoryError(f"{where}: {problem}")
+        capture = None
+        if self.capture is not None:
+            c = self.capture
+            if not 0 < c.percent <= 100:
+                raise RepositoryError(
+                    f"{where}.capture: percent {c.percent:g} is out of range 0 < p <= 100"
+                )
+            for key, value, low, high in (
+                ("max_file_mib", c.max_file_mib, 1, 1024),
+                ("max_files", c.max_files, 1, 1000),
+            ):
+                problem = out_of_range(key, value, low, high)
+                if problem:
+                    raise RepositoryError(f"{where}.capture: {problem}")
+            if capture_dir is None:
+                raise RepositoryError(
+                    f"{where}.capture: payload capture needs a folder: set models.capture_dir"
+                )
+            capture = CaptureOptions(
+                capture_dir / model, c.percent, c.max_file_mib << 20, c.max_files,
+                frozenset(c.redact),
+            )  # fmt: skip
+        return DriftOptions(
+            reference=drift_dir / f"{model}.json" if drift_dir else None,
+            window_s=self.window_s,
+            max_features=self.max_features,
+            capture=capture,
+        )
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Contents of ``<name>/model.toml``; every key is optional.
 
@@ -354,6 +428,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         traffic: Weights by version for requests that name no version, e.g.
             ``{"1" = 90, "2" = 10}``; routing is sticky per request id.
         shadow: Shadow traffic to a candidate version (``[shadow]`` table); off when absent.
+        drift: Input statistics and drift scores (``[drift]`` table); off when absent.
         labels: Class names, shown in metadata for clients.
         description: Free text shown in metadata.
     """
@@ -374,6 +449,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     generation: GenerationConfig | None = None
     image: ImageConfig | None = None
     shadow: ShadowConfig | None = None
+    drift: DriftConfig | None = None
     labels: list[str] = msgspec.field(default_factory=list)
     description: str = ""
 
@@ -426,7 +502,7 @@ def valid_name(name: str) -> bool:
     return bool(NAME_RE.match(name)) and name.strip(".") != ""
 
 
-class RepositoryObserver(InferenceObserver, ShadowObserver, Protocol):
+class RepositoryObserver(InferenceObserver, ShadowObserver, DriftObserver, Protocol):
     """Receives what the models and their shadows measure (a worker's metrics)."""
 
 
@@ -436,6 +512,8 @@ class Repository:
     def __init__(self, entries: dict[str, ModelEntry], default_model: str = "") -> None:
         self._entries = dict(sorted(entries.items()))
         self._observer: RepositoryObserver | None = None
+        self._drift: dict[str, DriftOptions] = {}
+        self._watching: list[Drift] = []
         if default_model and default_model not in self._entries:
             raise RepositoryError(
                 f"models.default_model {default_model!r} is not in the repository "
@@ -453,6 +531,8 @@ class Repository:
         default_model: str = "",
         observer: RepositoryObserver | None = None,
         rollouts: Path | None = None,
+        drift: Path | None = None,
+        capture: Path | None = None,
     ) -> Repository:
         """Read the layout and configs under ``root`` without creating sessions.
 
@@ -463,6 +543,8 @@ class Repository:
             observer: Where models and shadows report.
             rollouts: Folder of rollout state files whose traffic replaces ``model.toml``'s
                 (see :mod:`app.models.rollout`); None for none.
+            drift: Folder of drift references (see :mod:`app.models.drift`); None for none.
+            capture: Folder for captured payloads; None forbids ``[drift.capture]``.
 
         Raises:
             RepositoryError: an unusable layout, config or model file.
@@ -488,6 +570,9 @@ class Repository:
             )
         repository = cls(entries, default_model)
         repository._observer = observer
+        for name, entry in entries.items():
+            if entry.config.drift is not None:
+                repository._drift[name] = entry.config.drift.options(name, drift, capture)
         return repository
 
     @classmethod
@@ -556,6 +641,8 @@ class Repository:
                     served = runner(model)
                 entry.runners[version] = served
                 log.info("model_ready", model=model.name, version=model.version_str)
+        for name, drift in self._drift.items():
+            self._watch_inputs(self._entries[name], drift)
         executor = ShadowExecutor()  # one per worker: created after the fork, like its thread
         for entry in self._entries.values():
             if entry.config.shadow is not None:
@@ -564,6 +651,30 @@ class Repository:
                     entry.name, options, entry.runners[options.version], entry.config.labels,
                     executor, self._observer,
                 )  # fmt: skip
+
+    def _watch_inputs(self, entry: ModelEntry, options: DriftOptions) -> None:
+        """Give each loaded version of ``entry`` its drift statistics."""
+        if options.capture is not None:
+            inputs = {s.name for r in entry.runners.values() for s in r.signature.inputs}
+            unknown = sorted(options.capture.redact - inputs)
+            if unknown:
+                raise RepositoryError(
+                    f"model {entry.name!r}: {MODEL_CONFIG}: drift.capture.redact names "
+                    f"{unknown}, which are not inputs of the model ({', '.join(sorted(inputs))})"
+                )
+        for version, served in entry.runners.items():
+            drift = Drift(entry.name, str(version), options, self._observer)
+            self._watching.append(drift)
+            if isinstance(served, ImageRunner):
+                served.runner.drift = drift  # the decoded pixels, as the graph sees them
+            elif isinstance(served, (Runner, TextRunner)):
+                served.drift = drift
+
+    def flush_statistics(self) -> None:
+        """Hand the input statistics gathered since the last second to the metrics (and
+        captured payloads to their files), as a worker exits."""
+        for drift in self._watching:
+            drift.flush()
 
     def shadow(self, name: str, version: str) -> Shadow | None:
         """The shadow to hand a request of ``name`` served by ``version`` to, if it is one

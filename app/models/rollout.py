@@ -9,13 +9,13 @@ ignored with a warning, never a failed start.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 import structlog
+
+from app.files import write_atomically
 
 log = structlog.get_logger(__name__)
 
@@ -133,23 +133,7 @@ def write_state(path: Path, state: RolloutState) -> None:
     """
     data = msgspec.json.format(msgspec.json.encode(state), indent=2) + b"\n"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            Path(tmp).chmod(0o644)
-            Path(tmp).replace(path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomically(path, data)
     except OSError as exc:
         raise RolloutFileError(f"cannot write {path}: {exc.strerror or exc}") from None
 

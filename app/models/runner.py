@@ -22,6 +22,7 @@ import structlog
 
 from app.models.batching import Batcher
 from app.models.cache import ResponseCache
+from app.models.drift import Drift
 from app.models.errors import InferenceFailed, InferenceTimeout
 from app.models.onnx import OnnxModel
 from app.models.scheduling import WATCHDOG, Gate, run_in_thread
@@ -73,6 +74,7 @@ class Runner:
             else None
         )
         self.cache = ResponseCache(options.cache) if options.cache is not None else None
+        self.drift: Drift | None = None
 
     @property
     def timeout(self) -> float:
@@ -104,6 +106,8 @@ class Runner:
             InferenceFailed: onnxruntime rejected the values.
         """
         self.model.validate(inputs)
+        if self.drift is not None:
+            self.drift.observe(inputs)
         if outputs is None:
             names = self._all_outputs
         else:

@@ -246,10 +246,13 @@ class ShadowExecutor:
             with contextlib.suppress(OSError, AttributeError):
                 # Per thread on Linux: shadow runs get the CPU only when requests leave some.
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        idle = _idle_waiter()
         while True:
             with self._cond:
                 while not self._jobs:
                     self._cond.wait()
+            idle()
+            with self._cond:
                 job = self._jobs.popleft()
             try:
                 job.shadow.run(job)
@@ -271,3 +274,15 @@ class ShadowExecutor:
                     return False
                 self._cond.wait(remaining)
         return True
+
+
+def _idle_waiter() -> Callable[[], None]:
+    """What the executor waits for before each job: in a gevent worker, a moment when no
+    request greenlet is ready to run (so a busy worker never runs shadows, and their queue
+    fills and drops); elsewhere nothing (the thread's CPU priority does that)."""
+    if cooperative():
+        import gevent
+
+        wait: Callable[[], None] = gevent.idle
+        return wait
+    return lambda: None

@@ -23,6 +23,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from app.models.batching import LeaderQueue, Waiter
+from app.models.drift import Drift
 from app.models.errors import InvalidInput, PayloadTooLarge, RepositoryError, ServingError
 from app.models.onnx import TextOptions
 from app.models.runner import Runner
@@ -269,6 +270,7 @@ class TextRunner(Vocabulary):
             graph.description,
         )
         self.batcher = TokenBatcher(self.model.label, options, self._run, self._report)
+        self.drift: Drift | None = None
 
     @property
     def timeout(self) -> float:
@@ -333,6 +335,8 @@ class TextRunner(Vocabulary):
 
     def embed(self, sequences: list[list[int]], deadline: float | None = None) -> Embedded:
         """One vector per token sequence, batched with the worker's other requests."""
+        if self.drift is not None:
+            self.drift.observe_lengths(TEXT_INPUT, [len(s) for s in sequences])
         vectors = self.batcher.submit(sequences, deadline)
         if self.model.observer is not None:
             self.model.observer.tokens(

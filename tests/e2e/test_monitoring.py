@@ -10,16 +10,20 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from app.files import write_atomically
+from app.models.drift import DriftReference, FeatureReference
 from app.models.rollout import Thresholds, state_path, write_state
 from app.rollout import new_state
 from tests.conftest import DEMO_MODELS, wait_until
@@ -63,7 +67,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     (models / "mlp" / "model.toml").write_text("[batching]\nmax_batch_size = 8\n")
     # Shadow replays of tabular on its version 1, and a rolled-back rollout keeping it on 2.
     table = models / "tabular" / "model.toml"
-    table.write_text(table.read_text() + "\n[shadow]\nversion = 1\npercent = 100\n")
+    table.write_text(table.read_text() + "\n[shadow]\nversion = 1\npercent = 100\n[drift]\n")
+    reference = DriftReference(
+        model="tabular", captured_at=0, seconds=60,
+        inputs={"input": {"0": FeatureReference(10.0, 1.0, 100)}},
+    )  # fmt: skip
+    write_atomically(tmp / "drift" / "tabular.json", msgspec.json.encode(reference))
     rollout = new_state("tabular", 2, 1, [100], Thresholds())
     rollout.status, rollout.traffic = "rolled_back", {"2": 100, "1": 0}
     write_state(state_path(tmp / "rollouts", "tabular"), rollout)
@@ -74,7 +83,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         tmp,
         models=models,
         config=f'[auth]\nkeys_file = "{keys}"\n',
-        models_conf=f'rollouts_dir = "{tmp / "rollouts"}"',
+        models_conf=f'rollouts_dir = "{tmp / "rollouts"}"\ndrift_dir = "{tmp / "drift"}"',
     ) as server:
         statuses = [
             _post(server, "/v1/models/tabular:predict", {"instances": [ROW]}, key),
@@ -88,6 +97,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             lambda: "onnx_appliance_shadow_labels_total{" in _scrape_text(server),
             "the shadow replays compared",
         )
+        # Drift scores are set at a worker's next flush, a second after its statistics began.
+        time.sleep(1.1)
+        _post(server, "/v1/models/tabular:predict", {"instances": [ROW]}, key)
+        wait_until(lambda: "onnx_appliance_input_drift{" in _scrape_text(server), "a drift score")
         server.extra["key"] = key
         yield server
 
