@@ -15,10 +15,12 @@ from tests.conftest import ROOT
 UNITS = ("onnx-appliance.service", "onnx-appliance.socket")
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=["", "/var/lib/onnx-appliance/capture"])
+def rendered(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The units as Ansible renders them, without and with a payload capture folder."""
     out = tmp_path_factory.mktemp("units")
     variables = {
+        "onnx_appliance_capture_dir": request.param,
         "onnx_appliance_venv": str(Path(sys.executable).parents[1]),
         # An ordinary system user that exists here (Ansible creates onnx-appliance).
         "onnx_appliance_user": "www-data",
@@ -32,6 +34,7 @@ def rendered(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     for unit in UNITS:
         (out / unit).write_text(render(ROOT / "systemd" / f"{unit}.j2", **variables))
+    (out / "capture_dir").write_text(request.param)
     return out
 
 
@@ -71,3 +74,11 @@ def test_stop_timeout_outlasts_the_graceful_timeout(rendered: Path) -> None:
     assert "TimeoutStopSec=45" in service
     assert "OOMPolicy=continue" in service
     assert "bin/onnx-appliance reload --pid $MAINPID" in service
+
+
+def test_only_the_capture_folder_is_writable(rendered: Path) -> None:
+    service = (rendered / "onnx-appliance.service").read_text()
+    writable = re.findall(r"^ReadWritePaths=(.*)$", service, re.M)
+    assert "ProtectSystem=strict" in service
+    capture = (rendered / "capture_dir").read_text()
+    assert writable == ([capture] if capture else [])
