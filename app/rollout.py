@@ -210,6 +210,13 @@ def judge(state: RolloutState, evidence: Evidence) -> tuple[str, str]:
         return "rollback", (
             f"the candidate failed {evidence.shadow_failed_ratio:.2%} of shadow replays"
         )
+    if evidence.shadow_replays and evidence.shadow_rows < t.min_requests:
+        # The model mirrors to the candidate: its comparisons are evidence the step needs
+        # (a busy server drops replays first, so they can lag its own requests).
+        return "hold", (
+            f"{evidence.shadow_rows:.0f} shadow comparisons in the window; "
+            f"{t.min_requests} are needed to judge"
+        )
     if evidence.candidate_requests < t.min_requests:
         return "hold", (
             f"{evidence.candidate_requests:.0f} candidate requests in the window; "

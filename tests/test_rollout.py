@@ -77,7 +77,8 @@ def test_window_evidence_from_the_servers_own_counters() -> None:
         ({"candidate_p99_ms": 14.9}, "advance", "within"),  # 1.49x
         ({"primary_p99_ms": 1, "candidate_p99_ms": 5.9}, "advance", "within"),  # under 5 ms more
         ({"shadow_rows": 10, "shadow_agreement": 0.98}, "rollback", "shadow agreement"),
-        ({"shadow_rows": 9, "shadow_agreement": 0.0}, "advance", "within"),  # too few rows
+        ({"shadow_replays": 3, "shadow_rows": 9, "shadow_agreement": 0.0}, "hold", "9 shadow"),
+        ({"shadow_replays": 3, "shadow_rows": 10}, "advance", "within"),
         ({"shadow_replays": 10, "shadow_failed_ratio": 0.5}, "rollback", "failed"),
         # A candidate that disagrees is rolled back even before it gets requests of its own.
         ({"candidate_requests": 0, "shadow_rows": 50, "shadow_agreement": 0}, "rollback", ""),

@@ -12,11 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -226,3 +227,33 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """Two workers on the demo models, over TCP and a unix socket."""
     with run_server(tmp_path_factory.mktemp("server")) as running:
         yield running
+
+
+class Clients:
+    """``count`` client threads, each running :meth:`send` while :meth:`running` (until the
+    block ends, or ``limit`` seconds at most)."""
+
+    def __init__(self, count: int, limit: float = 60) -> None:
+        self._stop = threading.Event()
+        self._end = time.monotonic() + limit
+        self._threads = [
+            threading.Thread(target=self.send, args=(i,), daemon=True) for i in range(count)
+        ]
+
+    def running(self) -> bool:
+        """Whether the clients should go on sending."""
+        return not self._stop.is_set() and time.monotonic() < self._end
+
+    def send(self, index: int) -> None:
+        """What client ``index`` does (loop while :meth:`running`)."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)

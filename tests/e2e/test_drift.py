@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import onnx_factory
 from tests.conftest import wait_until
-from tests.e2e.conftest import CLI, Server, run_server, wait_for_event
+from tests.e2e.conftest import CLI, Clients, Server, run_server, wait_for_event
 
 
 @pytest.fixture(scope="module")
@@ -44,36 +43,24 @@ def drift_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 SENT: list[Traffic] = []
 
 
-class Traffic:
+class Traffic(Clients):
     """Two clients sending 8 rows of N(shift, 1) per request until stopped (at most 60 s)."""
 
     def __init__(self, server: Server, shift: float) -> None:
+        super().__init__(2)
         self._url = f"{server.url}/v2/models/clf/infer"
         self._shift = shift
-        self._stop = threading.Event()
         self.statuses: list[int] = []
-        self._threads = [threading.Thread(target=self._send, args=(i,)) for i in range(2)]
         SENT.append(self)
 
-    def _send(self, seed: int) -> None:
-        rng = np.random.default_rng(seed)
+    def send(self, index: int) -> None:
+        rng = np.random.default_rng(index)
         session = requests.Session()
-        end = time.monotonic() + 60
-        while not self._stop.is_set() and time.monotonic() < end:
+        while self.running():
             rows = rng.normal(self._shift, 1.0, (8, 2)).round(4).tolist()
             body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [8, 2], "data": rows}]}
             self.statuses.append(session.post(self._url, json=body, timeout=30).status_code)
             time.sleep(0.005)
-
-    def __enter__(self) -> Traffic:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
 
 
 def _scrape(server: Server, name: str) -> dict[tuple[str, ...], float]:

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import onnx_factory
 from tests.conftest import wait_until
-from tests.e2e.conftest import CLI, Server, json_lines, run_server
+from tests.e2e.conftest import CLI, Clients, Server, json_lines, run_server
 
 ROWS = [[1.0, 0.0], [0.0, 1.0], [3.0, 1.0]]
 STEPS = "10,50,100"
@@ -57,42 +57,28 @@ def rollout_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
         yield server
 
 
-class Load:
+class Load(Clients):
     """Three clients posting to one model until stopped (at most ``limit`` seconds)."""
 
     def __init__(self, server: Server, model: str, limit: float = 180) -> None:
+        super().__init__(3, limit)
         self.statuses: Counter[int] = Counter()
         self.versions: Counter[str] = Counter()
-        self._stop = threading.Event()
-        self._end = time.monotonic() + limit
         self._lock = threading.Lock()
-        url = f"{server.url}/v2/models/{model}/infer"
-        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3, 2], "data": ROWS}]}
-        self._threads = [
-            threading.Thread(target=self._post, args=(url, body), daemon=True) for _ in range(3)
-        ]
+        self._url = f"{server.url}/v2/models/{model}/infer"
 
-    def _post(self, url: str, body: dict[str, Any]) -> None:
+    def send(self, index: int) -> None:
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [3, 2], "data": ROWS}]}
         session = requests.Session()
-        while not self._stop.is_set() and time.monotonic() < self._end:
+        while self.running():
             try:
-                response = session.post(url, json=body, timeout=30)
+                response = session.post(self._url, json=body, timeout=30)
                 status, version = response.status_code, response.headers.get("X-Model-Version")
             except requests.RequestException:
                 status, version = 0, None
             with self._lock:
                 self.statuses[status] += 1
                 self.versions[version or "-"] += 1
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
 
 
 def _rollout(server: Server, model: str, *extra: str, timeout: float = 150) -> tuple[int, str]:
