@@ -279,6 +279,7 @@ class Metrics:
         self._inference_children: dict[tuple[str, str], Any] = {}
         self._request_children: dict[tuple[str, str, int, str, str, str], tuple[Any, Any]] = {}
         self._batch_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._shadow_children: dict[tuple[str, ...], Any] = {}
 
     def request(
         self,
@@ -359,24 +360,30 @@ class Metrics:
             )
         child.observe(seconds)
 
+    def _shadow_child(self, family: Any, *labels: str) -> Any:
+        # Children cached as for requests: every label comes from a bounded set.
+        key = (str(id(family)), *labels)
+        child = self._shadow_children.get(key)
+        if child is None:
+            child = self._shadow_children[key] = family.labels(*labels)
+        return child
+
     def shadow_outcome(self, model: str, version: str, candidate: str, outcome: str) -> None:
         """Count a shadow job's outcome."""
-        self.shadow_requests.labels(model, version, candidate, outcome).inc()
+        self._shadow_child(self.shadow_requests, model, version, candidate, outcome).inc()
 
     def shadow_run(self, model: str, candidate: str, seconds: float) -> None:
         """Time a shadow candidate's answer."""
-        self.shadow_duration.labels(model, candidate).observe(seconds)
+        self._shadow_child(self.shadow_duration, model, candidate).observe(seconds)
 
     def shadow_labels(
         self, model: str, version: str, candidate: str, output: str, same: int, different: int
     ) -> None:
         """Count label rows that agreed with the shadow candidate, and those that did not."""
-        if same:
-            self.shadow_labels_total.labels(model, version, candidate, output, "same").inc(same)
-        if different:
-            self.shadow_labels_total.labels(model, version, candidate, output, "different").inc(
-                different
-            )
+        for result, rows in (("same", same), ("different", different)):
+            if rows:
+                family = self.shadow_labels_total
+                self._shadow_child(family, model, version, candidate, output, result).inc(rows)
 
     def shadow_differences(
         self,
@@ -388,8 +395,8 @@ class Metrics:
         cosine_distance: Any,
     ) -> None:
         """Record per-row differences of a numeric output from the shadow candidate's."""
-        diff = self.shadow_abs_difference.labels(model, version, candidate, output)
-        cosine = self.shadow_cosine.labels(model, version, candidate, output)
+        diff = self._shadow_child(self.shadow_abs_difference, model, version, candidate, output)
+        cosine = self._shadow_child(self.shadow_cosine, model, version, candidate, output)
         for value in abs_diff.tolist():
             diff.observe(value)
         for value in cosine_distance.tolist():
