@@ -674,10 +674,8 @@ def _rollout_plan(
 
 def _routing(entry: ModelEntry, version: int) -> str:
     """How requests that name no version reach this version, for ``check``'s listing."""
-    weights = entry.config.traffic
-    if weights:
-        share = 100 * weights.get(str(version), 0) / sum(weights.values())
-        return f" (traffic {share:.3g}%)"
+    if entry.config.traffic:
+        return f" (traffic {entry.traffic_shares().get(str(version), 0.0):.3g}%)"
     return " (default)" if version == entry.default_version else ""
 
 

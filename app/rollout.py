@@ -33,6 +33,7 @@ from app.models.rollout import (
     RolloutState,
     Thresholds,
     read_state,
+    shares,
     state_path,
     write_state,
 )
@@ -376,29 +377,28 @@ class Controller:
 
     def _confirm(self, state: RolloutState) -> None:
         """Wait until every live worker serves the state's traffic."""
-        total = sum(state.traffic.values())
-        wanted = {v: 100 * w / total for v, w in state.traffic.items()}
+        wanted = {v: round_share(s) for v, s in shares(state.traffic).items()}
         end = time.monotonic() + self.reload_timeout
         while True:
-            shares = self._shares(state.model)
-            if shares == {v: round_share(s) for v, s in wanted.items()}:
+            served = self._shares(state.model)
+            if served == wanted:
                 return
             if time.monotonic() >= end:
                 raise RolloutError(
                     f"the server did not take traffic {state.traffic} within "
-                    f"{self.reload_timeout:g} s (it serves {shares}); its log says why"
+                    f"{self.reload_timeout:g} s (it serves {served}); its log says why"
                 )
             self._sleep(0.2)
 
     def _shares(self, model: str) -> dict[str, float]:
-        shares: dict[str, float] = {}
+        found: dict[str, float] = {}
         for family in text_string_to_metric_families(self.scrape()):
             if family.name != "onnx_appliance_traffic_share_percent":
                 continue
             for sample in family.samples:
                 if sample.labels.get("model") == model:
-                    shares[sample.labels["version"]] = round_share(sample.value)
-        return shares
+                    found[sample.labels["version"]] = round_share(sample.value)
+        return found
 
     def _wait_for_window(self, state: RolloutState) -> None:
         end = state.window_start + state.thresholds.interval_s

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import msgspec
+import numpy as np
 import structlog
 
 from app.models.batching import BatchingOptions
@@ -34,9 +35,17 @@ from app.models.onnx import (
     TextOptions,
 )
 from app.models.onnx_proto import ProtoError, external_data_locations, looks_like_model
-from app.models.rollout import RolloutState, traffic_override
+from app.models.rollout import RolloutState, shares, traffic_override
 from app.models.runner import Predictor, Runner
-from app.models.shadow import Shadow, ShadowExecutor, ShadowObserver, ShadowOptions
+from app.models.shadow import (
+    Replay,
+    Shadow,
+    ShadowExecutor,
+    ShadowJob,
+    ShadowObserver,
+    ShadowOptions,
+)
+from app.models.signature import Signature
 from app.models.text import TOKENIZER_FILE, TextRunner, Vocabulary
 from app.settings import (
     MAX_BATCH_ROWS,
@@ -468,10 +477,7 @@ class ModelEntry:
     def traffic_shares(self) -> dict[str, float]:
         """Percent of the requests naming no version that each version gets."""
         weights = self.config.traffic
-        if not weights:
-            return {str(self.default_version): 100.0}
-        total = sum(weights.values())
-        return {version: 100 * weight / total for version, weight in weights.items()}
+        return shares(weights) if weights else {str(self.default_version): 100.0}
 
     @property
     def default_version(self) -> int:
@@ -682,6 +688,14 @@ class Repository:
         entry = self._entries.get(name)
         shadow = entry.shadow if entry is not None else None
         return shadow if shadow is not None and shadow.wants(version) else None
+
+    def shadow_job(
+        self, signature: Signature, answer: Mapping[str, np.ndarray], replay: Replay
+    ) -> ShadowJob | None:
+        """The shadow job of a request ``signature``'s version answered with ``answer``, if
+        the request is one to mirror; the front submits it once the answer is sent."""
+        shadow = self.shadow(signature.name, signature.version)
+        return shadow.job(signature.version, answer, replay) if shadow is not None else None
 
     # -- queries -----------------------------------------------------------------------------
 

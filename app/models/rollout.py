@@ -9,6 +9,7 @@ ignored with a warning, never a failed start.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,6 +97,12 @@ class RolloutState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class RolloutFileError(Exception):
     """A rollout file that cannot be read or written."""
+
+
+def shares(weights: Mapping[str, int]) -> dict[str, float]:
+    """Traffic weights by version as percentages of the requests naming no version."""
+    total = sum(weights.values())
+    return {version: 100 * weight / total for version, weight in weights.items()}
 
 
 def state_path(directory: Path, model: str) -> Path:

@@ -227,10 +227,9 @@ def mirror(
     """Replay the request on the model's shadow candidate, if it has one and this request
     is among those mirrored, once the answer has been sent (see
     :func:`app.server.application.closing_connections`)."""
-    signature = runner.signature
-    shadow = repository.shadow(signature.name, signature.version)
-    if shadow is not None:
-        req.env.setdefault(SHADOW_JOBS, []).append(shadow.job(signature.version, answer, replay))
+    job = repository.shadow_job(runner.signature, answer, replay)
+    if job is not None:
+        req.env.setdefault(SHADOW_JOBS, []).append(job)
 
 
 def send(resp: falcon.Response, doc: Any) -> None:

@@ -89,8 +89,6 @@ class ClassifyResource(RepositoryResource):
         body = read_body(req, self._limits)
         names, files, top_k = self._form(req, body, runner.options.max_images)
         images = runner.decode(files, names)
-        if top_k < 1:
-            raise InvalidInput("top_k must be at least 1")
         scores = runner.scores(images, deadline(req, runner))
         output = runner.scores_output
         mirror(

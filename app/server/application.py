@@ -136,16 +136,14 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
         metrics.models_loaded.set(sum(1 for _ in repository.models()))
         for name in repository.names:
             entry = repository.entry(name)
-            for version, share in entry.traffic_shares().items():
+            shares = entry.traffic_shares()
+            for version, share in shares.items():
                 metrics.traffic_share.labels(name, version).set(share)
-            if entry.rollout is not None:
-                rollout = entry.rollout
-                metrics.rollout.labels(
-                    name, str(rollout.primary), str(rollout.candidate), rollout.status
-                ).set(
-                    rollout.traffic.get(str(rollout.candidate), 0)
-                    * 100
-                    / sum(rollout.traffic.values())
+            rollout = entry.rollout
+            if rollout is not None:  # its traffic is the entry's
+                candidate = str(rollout.candidate)
+                metrics.rollout.labels(name, str(rollout.primary), candidate, rollout.status).set(
+                    shares.get(candidate, 0.0)
                 )
         metrics.worker_starts.inc()
         limiter = RateLimiter(state.limiter_path) if state.limiter_path else None

@@ -200,12 +200,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             request, runner.signature, self._limits.max_tensor_elements
         )
         results = runner.predict(inference.inputs, inference.outputs, call.deadline(runner.timeout))
-        shadow = self._repository.shadow(runner.signature.name, runner.signature.version)
-        if shadow is not None:
-            job = shadow.job(
-                runner.signature.version, results,
-                lambda candidate, due: candidate.predict(inference.inputs, inference.outputs, due),
-            )  # fmt: skip
+        job = self._repository.shadow_job(
+            runner.signature, results,
+            lambda candidate, due: candidate.predict(inference.inputs, inference.outputs, due),
+        )  # fmt: skip
+        if job is not None:
             call.after_answer(job.submit)
         return oip.encode_infer(runner.signature, inference, results, raw)
 

@@ -14,12 +14,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import DEMO_MODELS
 
@@ -257,3 +259,16 @@ class Clients:
         self._stop.set()
         for thread in self._threads:
             thread.join(60)
+
+
+def scrape(server: Server, name: str, **match: str) -> dict[tuple[str, ...], float]:
+    """The samples called ``name`` in a scrape of ``server`` whose labels include ``match``,
+    keyed by their other labels as sorted ``label=value`` strings (``()`` when none are left)."""
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        tuple(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in match): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in match.items())
+    }

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests import onnx_factory
 from tests.conftest import wait_until
-from tests.e2e.conftest import CLI, Clients, Server, run_server, wait_for_event
+from tests.e2e.conftest import CLI, Clients, Server, run_server, scrape, wait_for_event
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +62,8 @@ class Traffic(Clients):
             time.sleep(0.005)
 
 
-def _scrape(server: Server, name: str) -> dict[tuple[str, ...], float]:
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    return {
-        tuple(f"{k}={v}" for k, v in sorted(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name
-    }
-
-
 def _score(server: Server) -> float:
-    scores = _scrape(server, "onnx_appliance_input_drift")
+    scores = scrape(server, "onnx_appliance_input_drift")
     return scores.get(("input=x", "model=clf", "version=1"), -1.0)
 
 
@@ -125,10 +114,10 @@ def test_no_input_row_is_lost_across_a_reload(drift_server: Server) -> None:
     sent = 8 * sum(len(t.statuses) for t in SENT)
 
     def counted() -> float:
-        rows = _scrape(drift_server, "onnx_appliance_input_rows_total")
+        rows = scrape(drift_server, "onnx_appliance_input_rows_total")
         return rows.get(("feature=0", "input=x", "model=clf", "version=1"), 0.0)
 
     wait_until((metrics_dir / "gauge_sum_archive.db").exists, "the archive")
     wait_until(lambda: counted() == sent, f"{sent} rows counted", timeout=30)
-    sums = _scrape(drift_server, "onnx_appliance_input_sum")
+    sums = scrape(drift_server, "onnx_appliance_input_sum")
     assert sums and all(np.isfinite(v) for v in sums.values())

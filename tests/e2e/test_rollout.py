@@ -16,11 +16,10 @@ from typing import Any
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests import onnx_factory
 from tests.conftest import wait_until
-from tests.e2e.conftest import CLI, Clients, Server, json_lines, run_server
+from tests.e2e.conftest import CLI, Clients, Server, json_lines, run_server, scrape
 
 ROWS = [[1.0, 0.0], [0.0, 1.0], [3.0, 1.0]]
 STEPS = "10,50,100"
@@ -96,17 +95,6 @@ def _state(server: Server, model: str) -> dict[str, Any]:
     return state
 
 
-def _gauges(server: Server, name: str, model: str) -> dict[tuple[str, ...], float]:
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels.get("model") == model:
-                labels = tuple(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "model")
-                found[labels] = sample.value
-    return found
-
-
 def _events(stderr: str) -> list[dict[str, Any]]:
     lines = [json.loads(line) for line in stderr.splitlines() if line.strip()]
     return [line for line in lines if str(line.get("event", "")).startswith("rollout_")]
@@ -129,11 +117,11 @@ def test_a_good_candidate_reaches_all_traffic_without_a_failed_request(
     ]  # fmt: skip
     events = _events(stderr)
     assert [e["percent"] for e in events if e["event"] == "rollout_step_applied"] == [10, 50, 100]
-    assert _gauges(rollout_server, "onnx_appliance_traffic_share_percent", "good") == {
+    assert scrape(rollout_server, "onnx_appliance_traffic_share_percent", model="good") == {
         ("version=1",): 0.0,
         ("version=2",): 100.0,
     }
-    rollout = _gauges(rollout_server, "onnx_appliance_rollout_percent", "good")
+    rollout = scrape(rollout_server, "onnx_appliance_rollout_percent", model="good")
     assert rollout == {("candidate=2", "primary=1", "status=complete"): 100.0}
 
 
@@ -149,7 +137,7 @@ def test_a_slower_candidate_is_rolled_back_at_the_first_step(rollout_server: Ser
     assert [(d["percent"], d["verdict"]) for d in judged] == [(10, "rollback")]
     assert "p99" in judged[0]["reason"]
     assert judged[0]["evidence"]["candidate_p99_ms"] > judged[0]["evidence"]["primary_p99_ms"]
-    assert _gauges(rollout_server, "onnx_appliance_traffic_share_percent", "slow") == {
+    assert scrape(rollout_server, "onnx_appliance_traffic_share_percent", model="slow") == {
         ("version=1",): 100.0,
         ("version=2",): 0.0,
     }

@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as tg
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests import onnx_factory
 from tests.conftest import wait_until
-from tests.e2e.conftest import Server, add_key, free_port, run_server
+from tests.e2e.conftest import Server, add_key, free_port, run_server, scrape
 
 ROWS = [[1.0, 0.0], [0.0, 1.0], [3.0, 1.0]]
 LABELS = [0, 1, 0]
@@ -78,27 +77,14 @@ def _labels(response: requests.Response) -> list[int]:
     return list(outputs["label"]["data"])
 
 
-def _shadow_samples(server: Server) -> dict[tuple[str, ...], float]:
-    text = requests.get(f"{server.url}/metrics", timeout=10).text
-    found: dict[tuple[str, ...], float] = {}
-    for family in text_string_to_metric_families(text):
-        if not family.name.startswith("onnx_appliance_shadow"):
-            continue
-        for sample in family.samples:
-            key = (sample.name, *(f"{k}={v}" for k, v in sorted(sample.labels.items())))
-            found[key] = sample.value
-    return found
-
-
-def _value(samples: dict[tuple[str, ...], float], name: str, **labels: str) -> float:
-    key = (name, *(f"{k}={v}" for k, v in sorted(labels.items())))
-    return samples.get(key, 0.0)
+def _value(server: Server, name: str, **labels: str) -> float:
+    """The sample with exactly these labels (0 before it exists)."""
+    return scrape(server, name, **labels).get((), 0.0)
 
 
 def _outcome(server: Server, model: str, outcome: str) -> float:
     return _value(
-        _shadow_samples(server),
-        "onnx_appliance_shadow_requests_total",
+        server, "onnx_appliance_shadow_requests_total",
         model=model, version="1", candidate="2", outcome=outcome,
     )  # fmt: skip
 
@@ -123,10 +109,9 @@ def test_answers_never_wait_for_a_slow_candidate(shadow_server: Server) -> None:
         "every shadow job compared or dropped",
         timeout=60,
     )
-    samples = _shadow_samples(shadow_server)
-    runs = _value(samples, "onnx_appliance_shadow_duration_seconds_count", model="clf",
+    runs = _value(shadow_server, "onnx_appliance_shadow_duration_seconds_count", model="clf",
                   candidate="2")  # fmt: skip
-    mean_run = _value(samples, "onnx_appliance_shadow_duration_seconds_sum", model="clf",
+    mean_run = _value(shadow_server, "onnx_appliance_shadow_duration_seconds_sum", model="clf",
                       candidate="2") / runs  # fmt: skip
     # Twelve answers in a row while the candidate takes far longer for each: had any answer
     # waited for its shadow, it would have taken at least one candidate run.
@@ -134,8 +119,9 @@ def test_answers_never_wait_for_a_slow_candidate(shadow_server: Server) -> None:
     # The queue holds two; the rest were dropped, not queued without bound.
     assert _outcome(shadow_server, "clf", "dropped") >= 1
     same = {"model": "clf", "version": "1", "candidate": "2", "output": "label"}
-    assert _value(samples, "onnx_appliance_shadow_labels_total", **same, result="same") >= 3
-    assert _value(samples, "onnx_appliance_shadow_labels_total", **same, result="different") == 0
+    labels = "onnx_appliance_shadow_labels_total"
+    assert _value(shadow_server, labels, **same, result="same") >= 3
+    assert _value(shadow_server, labels, **same, result="different") == 0
 
 
 def test_a_wrong_candidate_shows_in_the_agreement_only(shadow_server: Server) -> None:
@@ -143,15 +129,13 @@ def test_a_wrong_candidate_shows_in_the_agreement_only(shadow_server: Server) ->
     for _ in range(3):
         assert _labels(_infer(shadow_server, "wrong")) == LABELS
     wait_until(lambda: _handled(shadow_server, "wrong") == before + 3, "three shadow jobs")
-    samples = _shadow_samples(shadow_server)
     label = {"model": "wrong", "version": "1", "candidate": "2", "output": "label"}
     compared = _outcome(shadow_server, "wrong", "compared")
     assert compared >= 1
     # Every row of every comparison disagrees (the labels are swapped).
-    assert _value(samples, "onnx_appliance_shadow_labels_total", **label, result="different") == (
-        3 * compared
-    )
-    assert _value(samples, "onnx_appliance_shadow_labels_total", **label, result="same") == 0
+    labels = "onnx_appliance_shadow_labels_total"
+    assert _value(shadow_server, labels, **label, result="different") == 3 * compared
+    assert _value(shadow_server, labels, **label, result="same") == 0
 
 
 def test_a_failing_candidate_never_fails_a_client(shadow_server: Server) -> None:
