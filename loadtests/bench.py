@@ -257,6 +257,7 @@ CONFIGS = [
     Config("appliance"),
     Config("appliance-batched"),
     Config("appliance-cached", models=TENSOR_MODELS),
+    Config("appliance-shared"),
     # Every model shadowed by a copy of itself on 10% of its requests: what shadows cost.
     Config("appliance-shadow", models=TENSOR_MODELS),
     Config("appliance-gthread"),
@@ -360,6 +361,13 @@ def prepare_models(workdir: Path) -> dict[str, Path]:
     for name in ("mlp", "tabular", "sentiment"):
         shutil.copytree(plain / name, cached / name)
         (cached / name / "model.toml").write_text("[cache]\nmax_entries = 1024\n")
+    # Every model whose weights are in external data shares them between the workers.
+    shared = workdir / "models-shared"
+    shutil.copytree(plain, shared)
+    for data in shared.glob("*/1/model.onnx.data"):
+        config = data.parent.parent / "model.toml"
+        kept = config.read_text() if config.exists() else ""
+        config.write_text(f"share_weights = true\n{kept}")
     shadowed = workdir / "models-shadowed"
     for name in TENSOR_MODELS:
         shutil.copytree(plain / name, shadowed / name)
@@ -374,6 +382,7 @@ def prepare_models(workdir: Path) -> dict[str, Path]:
         "batched": batched,
         "cached": cached,
         "shadowed": shadowed,
+        "shared": shared,
         "checkpoint": checkpoint,
     }
 
@@ -574,6 +583,7 @@ def _appliance_command(
             "appliance-batched": "batched",
             "appliance-cached": "cached",
             "appliance-shadow": "shadowed",
+            "appliance-shared": "shared",
         }.get(config.name, "plain")
     ]
     cmd = [
@@ -697,15 +707,16 @@ def pss_mib(pid: int) -> float:
     return _proc_mib(pid, "smaps_rollup", "Pss:")
 
 
-def worker_memory(running: Running) -> tuple[float, float]:
-    """Mean RSS and PSS of the worker processes (the descendants; the process if none)."""
+def worker_memory(running: Running) -> tuple[float, float, float]:
+    """Mean RSS and PSS of the worker processes (the descendants; the process if none), and
+    the PSS of the whole process tree (master, workers and helpers: what the server costs)."""
     pids = tree(running.process.pid)
     sizes = [(rss, p) for p in (pids[1:] or pids) if (rss := rss_mib(p)) > 5]
     if not sizes:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     rss = statistics.mean(r for r, _ in sizes)
     pss = statistics.mean(pss_mib(p) for _, p in sizes)
-    return round(rss, 1), round(pss, 1)
+    return round(rss, 1), round(pss, 1), round(sum(pss_mib(p) for p in pids), 1)
 
 
 #: The git revision ``appliance-baseline`` runs (set from --baseline).
@@ -955,6 +966,7 @@ class Report:
     cold_start_s: dict[str, list[float]] = field(default_factory=dict)
     rss_mib: dict[str, list[float]] = field(default_factory=dict)
     pss_mib: dict[str, list[float]] = field(default_factory=dict)
+    tree_pss_mib: dict[str, list[float]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     ceiling_calls_per_s: dict[str, list[float]] = field(default_factory=dict)
@@ -1101,9 +1113,10 @@ def measure(args: argparse.Namespace) -> Report:
                                 f"{rps:9.1f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms  "
                                 f"errors {errors}  cpu {cpu:7.1f} us/req"
                             )
-                    rss, pss = worker_memory(running)
+                    rss, pss, tree_pss = worker_memory(running)
                     report.rss_mib.setdefault(config.name, []).append(rss)
                     report.pss_mib.setdefault(config.name, []).append(pss)
+                    report.tree_pss_mib.setdefault(config.name, []).append(tree_pss)
                 except (RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
                     report.failures.append(f"{config.name}: {exc}")
                     log(f"FAIL {config.name}: {exc}")
@@ -1187,27 +1200,35 @@ def summarise(report: Report) -> tuple[str, dict[str, Any]]:
     lines += [
         "## Cold start and memory",
         "",
-        "| config | cold start s (median) | worker RSS MiB | worker PSS MiB | cold x FastAPI "
-        "| RSS x FastAPI | PSS x FastAPI |",
-        "|---|---|---|---|---|---|---|",
+        "Memory is read after the workloads ran. Tree PSS is the whole process tree's "
+        "proportional set size (master, workers, helpers; pages shared between processes "
+        "counted once); worker columns are per worker.",
+        "",
+        "| config | cold start s (median) | worker RSS MiB | worker PSS MiB | tree PSS MiB "
+        "| cold x FastAPI | RSS x FastAPI | PSS x FastAPI | tree PSS x FastAPI |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     fast_cold = _median(report.cold_start_s.get("fastapi"))
     fast_rss = _median(report.rss_mib.get("fastapi"))
     fast_pss = _median(report.pss_mib.get("fastapi"))
+    fast_tree = _median(report.tree_pss_mib.get("fastapi"))
     for config in report.cold_start_s:
         cold = _median(report.cold_start_s[config])
         rss = _median(report.rss_mib.get(config))
         pss = _median(report.pss_mib.get(config))
+        tree_pss = _median(report.tree_pss_mib.get(config))
         summary[f"startup/{config}"] = {
             "cold_start_s": cold,
             "worker_rss_mib": rss,
             "worker_pss_mib": pss,
+            "tree_pss_mib": tree_pss,
         }
         lines.append(
-            f"| {config} | {cold:.2f} | {rss:.0f} | {pss:.0f} | "
+            f"| {config} | {cold:.2f} | {rss:.0f} | {pss:.0f} | {tree_pss:.0f} | "
             f"{_x(cold / fast_cold if fast_cold else None)} | "
             f"{_x(rss / fast_rss if fast_rss else None)} | "
-            f"{_x(pss / fast_pss if fast_pss else None)} |"
+            f"{_x(pss / fast_pss if fast_pss else None)} | "
+            f"{_x(tree_pss / fast_tree if fast_tree else None)} |"
         )
     if report.skipped:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in report.skipped.items())]

@@ -49,7 +49,8 @@ def build(out: Path) -> None:
         if not stamp.is_file() or stamp.read_text() != _fingerprint(builder):
             target = builder.build(out)
             stamp.write_text(_fingerprint(builder))
-            print(f"built {target} ({target.stat().st_size / 1e6:.1f} MB)")
+            size = sum(f.stat().st_size for f in target.parent.iterdir())
+            print(f"built {target.parent} ({size / 1e6:.1f} MB)")
 
 
 def main(argv: list[str]) -> int:

@@ -163,6 +163,8 @@ class RuntimeOptions:
             warm-up batch size) took at most this long runs on the worker's own thread; a
             slower one, one never warmed up, and one whose runs exceed it in CPU time
             ``SLOW_STREAK`` times in a row run in a helper thread, so the worker keeps serving.
+        share_weights: Leave the weights in the pages mapped from the external data file
+            (shared by every process serving the model) instead of repacking them.
     """
 
     intra_op_threads: int = 1
@@ -178,6 +180,7 @@ class RuntimeOptions:
     generation: GenerationOptions | None = None
     image: ImageOptions | None = None
     cache: CacheOptions | None = None
+    share_weights: bool = False
 
 
 class OnnxModel:
@@ -241,6 +244,9 @@ class OnnxModel:
         # Idle pool threads that spin steal the core from the other workers.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if self.options.share_weights:
+            # A repacked weight is a private copy; unpacked ones stay in the mapped file.
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         try:
             session = ort.InferenceSession(
                 str(self.path), sess_options=opts, providers=["CPUExecutionProvider"]

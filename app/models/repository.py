@@ -429,6 +429,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         max_queue: Requests that may wait for a run slot per worker; more get 503.
         inline_run_us: Overrides the server-wide ``inline_run_us`` for this model (0: always
             run in a helper thread in gevent workers).
+        share_weights: Run on the weights as mapped from the model's external data file,
+            one copy shared by every worker, instead of a repacked copy in each (less
+            memory; slower at small batches). Needs the weights in external data.
         batching: Dynamic batching (``[batching]`` table); off when absent.
         cache: Response cache (``[cache]`` table); off when absent.
         text: The model takes text (``[text]`` table); a tensor model when absent.
@@ -451,6 +454,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_concurrency: int | None = None
     max_queue: int | None = None
     inline_run_us: int | None = None
+    share_weights: bool = False
     traffic: dict[str, int] = msgspec.field(default_factory=dict)
     batching: BatchingConfig | None = None
     cache: CacheConfig | None = None
@@ -885,6 +889,7 @@ def _scan_model(
         inline_run_us=(
             options.inline_run_us if config.inline_run_us is None else config.inline_run_us
         ),
+        share_weights=config.share_weights,
     )
     kinds = [k for k in ("text", "generation", "image") if getattr(config, k) is not None]
     if len(kinds) > 1:
@@ -922,23 +927,7 @@ def _scan_model(
             raise RepositoryError(
                 f"model {name!r} version folder {version_dir.name!r} leads outside the model folder"
             )
-        model_file = version_dir / MODEL_FILE
-        if not model_file.is_file():
-            raise RepositoryError(f"model {name!r} version {version_dir.name} has no {MODEL_FILE}")
-        check_model_file(model_file, version_dir)
-        if config.text is not None or config.generation is not None:
-            tokenizer = version_dir / TOKENIZER_FILE
-            if not tokenizer.is_file() or not _inside(tokenizer, version_dir):
-                raise RepositoryError(
-                    f"model {name!r} version {version_dir.name}: a text model needs its "
-                    f"{TOKENIZER_FILE} beside {MODEL_FILE}"
-                )
-            template = version_dir / CHAT_TEMPLATE_FILE
-            if template.exists() and not _inside(template, version_dir):
-                raise RepositoryError(
-                    f"model {name!r} version {version_dir.name}: {CHAT_TEMPLATE_FILE} leads "
-                    "outside its folder"
-                )
+        model_file = _check_version(name, config, version_dir)
         version = int(version_dir.name)
         entry.versions[version] = OnnxModel(
             name,
@@ -991,6 +980,34 @@ def _check_shadow(entry: ModelEntry, shadow: ShadowConfig) -> None:
         raise RepositoryError(f"model {name!r}: shadow needs another version to mirror from")
 
 
+def _check_version(name: str, config: ModelConfig, version_dir: Path) -> Path:
+    """The files of one version folder, checked; returns its model file."""
+    model_file = version_dir / MODEL_FILE
+    if not model_file.is_file():
+        raise RepositoryError(f"model {name!r} version {version_dir.name} has no {MODEL_FILE}")
+    external = check_model_file(model_file, version_dir)
+    if config.share_weights and not external:
+        raise RepositoryError(
+            f"model {name!r} version {version_dir.name}: share_weights needs the weights "
+            f"in an external data file beside {MODEL_FILE} (onnx.save_model(model, path, "
+            "save_as_external_data=True)); this one holds them inside"
+        )
+    if config.text is not None or config.generation is not None:
+        tokenizer = version_dir / TOKENIZER_FILE
+        if not tokenizer.is_file() or not _inside(tokenizer, version_dir):
+            raise RepositoryError(
+                f"model {name!r} version {version_dir.name}: a text model needs its "
+                f"{TOKENIZER_FILE} beside {MODEL_FILE}"
+            )
+        template = version_dir / CHAT_TEMPLATE_FILE
+        if template.exists() and not _inside(template, version_dir):
+            raise RepositoryError(
+                f"model {name!r} version {version_dir.name}: {CHAT_TEMPLATE_FILE} leads "
+                "outside its folder"
+            )
+    return model_file
+
+
 def _read_config(model_dir: Path) -> ModelConfig:
     path = model_dir / MODEL_CONFIG
     if not path.exists():
@@ -1031,13 +1048,16 @@ def _inside(path: Path, parent: Path) -> bool:
         return False
 
 
-def check_model_file(model_file: Path, folder: Path) -> None:
+def check_model_file(model_file: Path, folder: Path) -> list[str]:
     """Refuse a model file that is (or needs data) outside its own folder.
 
     ONNX external data is addressed by a relative ``location``; a location that is absolute,
     climbs with ``..`` or resolves through a link to elsewhere would let a model read any file.
     (onnxruntime refuses those too; checking here stops the repository before any worker
     starts, with a message naming the file.)
+
+    Returns:
+        The external data locations the file refers to (none when it holds its weights).
 
     Raises:
         RepositoryError: the file or its external data escapes ``folder``.
@@ -1058,3 +1078,4 @@ def check_model_file(model_file: Path, folder: Path) -> None:
                 f"{model_file} refers to external data {location!r} that is missing or "
                 "outside its own folder"
             )
+    return locations

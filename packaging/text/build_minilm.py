@@ -9,7 +9,8 @@ norm and GELU patterns itself when it optimises the graph)::
 
     .venv/bin/python packaging/text/build_minilm.py OUT
 
-writes ``OUT/minilm/1/model.onnx``, ``OUT/minilm/1/tokenizer.json`` and ``OUT/minilm/model.toml``.
+writes ``OUT/minilm/1/model.onnx`` (its weights in ``model.onnx.data``),
+``OUT/minilm/1/tokenizer.json`` and ``OUT/minilm/model.toml``.
 Nothing is downloaded: the weights come from the installed package.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from graph import Graph  # packaging/text, on the path as the script's own folder
+from graph import Graph, save  # packaging/text, on the path as the script's own folder
 from onnx import TensorProto, helper
 from safetensors.numpy import load as load_safetensors
 
@@ -208,7 +209,7 @@ def build(out: Path) -> Path:
     version = out / NAME / "1"
     version.mkdir(parents=True, exist_ok=True)
     target = version / "model.onnx"
-    target.write_bytes(build_graph(checkpoint).SerializeToString())
+    save(build_graph(checkpoint), target)
     (version / "tokenizer.json").write_bytes(checkpoint.tokenizer)
     (out / NAME / "model.toml").write_text(MODEL_TOML)
     return target

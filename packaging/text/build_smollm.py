@@ -6,7 +6,8 @@ script reads it with the ``gguf`` package and writes, without torch::
 
     .venv/bin/python packaging/text/build_smollm.py OUT
 
-``OUT/smollm2/1/model.onnx`` (the decoder with a key/value cache), ``tokenizer.json`` (for the
+``OUT/smollm2/1/model.onnx`` (the decoder with a key/value cache; its weights in
+``model.onnx.data``), ``tokenizer.json`` (for the
 ``tokenizers`` library, from the GGUF's vocabulary and merges), ``chat_template.jinja`` (from
 its metadata) and ``OUT/smollm2/model.toml``. Nothing is downloaded.
 
@@ -44,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from gguf import GGMLQuantizationType, GGUFReader
-from graph import Graph  # packaging/text, on the path as the script's own folder
+from graph import Graph, save  # packaging/text, on the path as the script's own folder
 from onnx import TensorProto, helper
 
 NAME = "smollm2"
@@ -407,7 +408,7 @@ def build(out: Path, source: Path | None = None) -> Path:
     version = out / NAME / "1"
     version.mkdir(parents=True, exist_ok=True)
     target = version / "model.onnx"
-    target.write_bytes(build_graph(reader).SerializeToString())
+    save(build_graph(reader), target)
     (version / "tokenizer.json").write_text(build_tokenizer(reader))
     template = field(reader, "tokenizer.chat_template")
     assert isinstance(template, str)

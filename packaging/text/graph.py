@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -39,3 +41,32 @@ class Graph:
         names = [self.name(op_type.lower()) for _ in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, names, domain=domain, **attrs))
         return names
+
+
+#: Tensors at least this large go to the external data file.
+EXTERNAL_THRESHOLD = 1024
+
+
+def save(model: onnx.ModelProto, target: Path) -> Path:
+    """Write ``model`` as ``target`` with its weights in ``<target>.data`` beside it.
+
+    onnxruntime maps an external data file into memory instead of copying every weight out
+    of the parsed model: what it does not repack stays in file-backed pages, which the
+    kernel shares between the workers serving the model, and nothing holds the parsed copy.
+
+    Returns:
+        The external data file.
+    """
+    data = target.with_name(target.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to a file that is there
+    onnx.save_model(
+        model,
+        str(target),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=EXTERNAL_THRESHOLD,
+    )
+    # onnx creates it private (0600); the service reads it as model.onnx is read.
+    data.chmod(target.stat().st_mode & 0o777)
+    return data

@@ -144,6 +144,23 @@ def test_external_data_inside_the_version_folder_is_served(tmp_path: Path) -> No
     assert out["y"].tolist() == [[0.0, 1.0, 2.0, 3.0]]
 
 
+def test_share_weights_needs_external_data(tmp_path: Path) -> None:
+    path = onnx_factory.save(onnx_factory.with_external_data("bias.bin"), tmp_path, "ext")
+    (path.parent / "bias.bin").write_bytes(np.arange(4, dtype=np.float32).tobytes())
+    (path.parent.parent / "model.toml").write_text("share_weights = true\n")
+    onnx_factory.save(onnx_factory.fixed_shape(), tmp_path, "inside")
+    (tmp_path / "inside" / "model.toml").write_text("share_weights = true\n")
+    with pytest.raises(RepositoryError, match=r"'inside' version 1: share_weights needs the"):
+        scan(tmp_path)
+    (tmp_path / "inside" / "model.toml").unlink()
+    repo = scan(tmp_path)
+    assert repo.entry("ext").versions[1].options.share_weights
+    assert not repo.entry("inside").versions[1].options.share_weights
+    repo.load()
+    out = repo.get("ext").predict({"x": np.ones((1, 4), dtype=np.float32)})
+    assert out["y"].tolist() == [[1.0, 2.0, 3.0, 4.0]]
+
+
 @pytest.mark.parametrize(
     "location",
     [
