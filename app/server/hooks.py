@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 from typing import Any
 
@@ -26,17 +25,6 @@ WORKER_CLASSES = {
 def worker_class_name(path: str) -> str:
     """The setting's name for a worker class's import path."""
     return next((k for k, v in WORKER_CLASSES.items() if v == path), path)
-
-
-def pre_fork(server: Any, worker: Any) -> None:
-    """In the master, just before a worker is forked: freeze what the master holds.
-
-    Frozen objects are out of the garbage collector's reach, so a worker's collections never
-    write to the pages holding them and those pages stay shared with the master instead of
-    being copied into every worker. No collection first: it would cost every fork ~30 ms of
-    cold start, and the master makes little garbage (settings, repository, keys on reload).
-    """
-    gc.freeze()
 
 
 def post_fork(server: Any, worker: Any) -> None:

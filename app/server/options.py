@@ -68,7 +68,6 @@ def gunicorn_options(settings: Settings, repository: Repository) -> dict[str, An
         "pidfile": s.pidfile or None,
         # gunicorn applies this umask only while it creates unix sockets.
         "umask": 0o777 & ~s.socket_mode,
-        "pre_fork": hooks.pre_fork,
         "post_fork": hooks.post_fork,
         "post_worker_init": hooks.post_worker_init,
         "child_exit": hooks.child_exit,

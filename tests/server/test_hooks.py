@@ -1,10 +1,7 @@
-"""gunicorn's server hooks: the worker's runner, readiness markers, the listening line, the
-master's objects frozen before a fork."""
+"""gunicorn's server hooks: the worker's runner, readiness markers, the listening line."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,45 +45,3 @@ def test_ready_says_where_it_listens_and_that_the_api_is_open() -> None:
     assert listening["event"] == "listening" and listening["worker_class"] == "gevent"
     assert open_api["event"] == "auth_open"
     assert hooks.WORKER_CLASSES["gevent"].endswith(GeventWorker.__name__)
-
-
-#: A "master" holding many objects forks; the child runs a full collection and reports how
-#: many bytes of its memory became private (copied from the master) while it did.
-_FORK_PROBE = """
-import gc, os, sys
-from app.server import hooks
-
-held = [{"n": i} for i in range(300_000)]
-if sys.argv[1] == "1":
-    hooks.pre_fork(None, None)
-read, write = os.pipe()
-pid = os.fork()
-if pid == 0:
-    def private():
-        for line in open("/proc/self/smaps_rollup"):
-            if line.startswith("Private_Dirty:"):
-                return int(line.split()[1]) * 1024
-    before = private()
-    gc.collect()
-    os.write(write, str(private() - before).encode())
-    os._exit(0)
-os.waitpid(pid, 0)
-print(os.read(read, 64).decode())
-"""
-
-
-def test_a_worker_collecting_garbage_leaves_the_masters_objects_shared() -> None:
-    def copied(freeze: bool) -> int:
-        done = subprocess.run(
-            [sys.executable, "-c", _FORK_PROBE, "1" if freeze else "0"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        )
-        return int(done.stdout)
-
-    # Unfrozen, the collection writes to every object's header: all their pages are copied.
-    thawed, frozen = copied(False), copied(True)
-    assert thawed > 5_000_000
-    assert frozen < thawed / 10

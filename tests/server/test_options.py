@@ -43,7 +43,6 @@ def test_options_carry_the_hooks_and_a_logger_bound_to_the_format() -> None:
     options = gunicorn_options(settings, build_repository(settings))
     assert options["worker_class"] == "app.server.gevent_worker.GeventWorker"
     assert options["post_fork"] is hooks.post_fork
-    assert options["pre_fork"] is hooks.pre_fork
     assert options["preload_app"] is False
     assert options["logger_class"].log_format == "console"
     json_options = gunicorn_options(make_settings(DEMO_MODELS), build_repository(settings))
