@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from tests.conftest import DEMO_MODELS
-from tests.e2e.conftest import Server, run_server, wait_for_event
+from tests.e2e.conftest import Server, children, run_server, wait_for_event
 from tests.e2e.test_drills import stack, traffic
 
 BODY = json.dumps(
@@ -136,3 +136,49 @@ def test_after_a_reload_pooled_nginx_connections_reach_the_new_version(tmp_path:
     assert before.failed == 0 and {r.version for r in before.records} == {"2"}
     assert after.sent > 100 and after.failed == 0, after.failures()[:5]
     assert Counter(r.version for r in after.records) == {"3": after.sent}
+
+
+def test_workers_load_onnxruntime_themselves_and_exit_cleanly(tmp_path: Path) -> None:
+    """onnxruntime is imported after fork: a worker forked from a master that had imported it
+    would abort at exit (onnxruntime's import starts a thread the fork does not copy)."""
+    import urllib.request
+
+    def predict() -> int:
+        post = urllib.request.Request(
+            f"{server.url}/v2/models/tabular/infer",
+            data=BODY,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(post, timeout=30) as answer:
+            return int(answer.status)
+
+    def maps(pid: int) -> str:
+        return Path(f"/proc/{pid}/maps").read_text()
+
+    conf = "intra_op_threads = 2\nmax_requests = 15"
+    with run_server(tmp_path, server_conf=conf) as server:
+        master = server.process.pid
+        workers = children(master)
+        assert len(workers) == 2
+        assert "onnxruntime" not in maps(master)
+        assert all("onnxruntime_pybind11_state" in maps(pid) for pid in workers)
+        # A worker recycled (max_requests), then a reload.
+        assert [predict() for _ in range(60)] == [200] * 60
+        deadline = time.monotonic() + 30
+        while set(workers) == set(children(master)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert set(workers) != set(children(master))
+        server.process.send_signal(signal.SIGHUP)
+        wait_for_event(server, "reload_complete")
+        assert [predict() for _ in range(10)] == [200] * 10
+        assert "onnxruntime" not in maps(master)
+        deadline = time.monotonic() + 30  # the old workers gone before the stop
+        while len(children(master)) > 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert server.process.returncode == 0
+    # Every line is JSON (no C++ abort text on stderr), and no worker aborted or failed. (An
+    # old worker may be told SIGTERM again while it exits, which gunicorn notes at info.)
+    events = [line["event"] for line in server.log_lines()]
+    assert not [e for e in events if "exited with code" in e]
+    assert not [e for e in events if "was sent" in e and not e.endswith("SIGTERM!")]
+    assert sum(1 for e in events if e.startswith("Worker exiting")) >= 5
