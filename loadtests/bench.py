@@ -433,6 +433,7 @@ class Running:
     scheme: str = "http"
     host: str = "127.0.0.1"
     grpc: str = ""  # host:port of the gRPC server, for appliance-grpc
+    edge_pid: int = 0  # NGINX's master, for appliance-nginx (its CPU counts as the server's)
 
     @property
     def base(self) -> str:
@@ -568,6 +569,7 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
             )
         )
         running.edge, running.scheme, running.host = stack, "https", "localhost"
+        running.edge_pid = edge.process.pid
         running.port = edge.https_port
     return running
 
@@ -796,7 +798,7 @@ def run_wrk(
         f'wrk.headers["Content-Type"] = "{running.config.content_type(workload)}"\n'
         f'local file = io.open("{payload}", "rb")\nwrk.body = file:read("*a")\nfile:close()\n'
     )
-    pids = tree(running.process.pid)
+    pids = tree(running.process.pid) + (tree(running.edge_pid) if running.edge_pid else [])
     before = cpu_seconds(pids)
     result = subprocess.run(
         [

@@ -244,7 +244,7 @@ def _nginx(
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (prefix / sub).mkdir()
     (prefix / "nginx.conf").write_text(
-        "user root;\nworker_processes 1;\ndaemon off;\n"
+        "user root;\nworker_processes auto;\ndaemon off;\n"
         f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
         "events { worker_connections 1024; }\n"
         f"http {{\n  client_body_temp_path {prefix}/body;\n  proxy_temp_path {prefix}/proxy;\n"
