@@ -709,11 +709,21 @@ def pss_mib(pid: int) -> float:
     return _proc_mib(pid, "smaps_rollup", "Pss:")
 
 
+def _runs_models(pid: int) -> bool:
+    """Whether the process has onnxruntime or torch loaded (serves models)."""
+    with contextlib.suppress(OSError):
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        return "onnxruntime_pybind11_state" in maps or "libtorch" in maps
+    return False
+
+
 def worker_memory(running: Running) -> tuple[float, float, float]:
-    """Mean RSS and PSS of the worker processes (the descendants; the process if none), and
-    the PSS of the whole process tree (master, workers and helpers: what the server costs)."""
+    """Mean RSS and PSS of the worker processes (the descendants that serve models, not a
+    supervisor's helpers; else every descendant, or the process itself), and the PSS of the tree
+    (master, workers and helpers: what the server costs)."""
     pids = tree(running.process.pid)
-    sizes = [(rss, p) for p in (pids[1:] or pids) if (rss := rss_mib(p)) > 5]
+    workers = [p for p in pids[1:] if _runs_models(p)] or pids[1:] or pids
+    sizes = [(rss, p) for p in workers if (rss := rss_mib(p)) > 5]
     if not sizes:
         return 0.0, 0.0, 0.0
     rss = statistics.mean(r for r, _ in sizes)
