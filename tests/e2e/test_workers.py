@@ -157,6 +157,7 @@ def test_workers_load_onnxruntime_themselves_and_exit_cleanly(tmp_path: Path) ->
 
     conf = "intra_op_threads = 2\nmax_requests = 15"
     with run_server(tmp_path, server_conf=conf) as server:
+        wait_for_event(server, "worker_ready", 2)  # both, not just the first to answer
         master = server.process.pid
         workers = children(master)
         assert len(workers) == 2
