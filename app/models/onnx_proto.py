@@ -1,4 +1,5 @@
-"""Just enough of the protobuf wire format to find an ONNX model's external-data locations.
+"""Just enough of the protobuf wire format to find an ONNX model's external-data locations
+and the operators it uses.
 
 The master checks every model before any worker starts, and the ``onnx`` package costs
 ~0.45 s and ~15 MiB to import there (memory every forked worker then carries). The check
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 # Field numbers from onnx.proto.
 _MODEL_GRAPH, _MODEL_FUNCTIONS = 7, 25
 _GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
-_NODE_ATTRIBUTE = 5
+_NODE_OP_TYPE, _NODE_ATTRIBUTE, _NODE_DOMAIN = 4, 5, 7
 _FUNCTION_NODE = 7
 _ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS = 5, 6, 10, 11
 _ATTR_SPARSE_TENSOR, _ATTR_SPARSE_TENSORS = 22, 23
@@ -138,6 +139,45 @@ def external_data_locations(model: bytes) -> list[str]:
         else:
             tensors.extend(_nodes((n for _, n in _messages(value, _FUNCTION_NODE)), 0))
     return [loc for loc in map(_tensor_location, tensors) if loc is not None]
+
+
+def _graph_ops(graph: memoryview, depth: int) -> Iterator[tuple[str, str]]:
+    if depth > _MAX_DEPTH:
+        raise ProtoError("graphs nested too deeply")
+    for _, node in _messages(graph, _GRAPH_NODE):
+        yield from _node_ops(node, depth)
+
+
+def _node_ops(node: memoryview, depth: int) -> Iterator[tuple[str, str]]:
+    fields = {
+        number: bytes(value)
+        for number, _, value in _fields(node)
+        if number in (_NODE_OP_TYPE, _NODE_DOMAIN) and isinstance(value, memoryview)
+    }
+    yield (
+        fields.get(_NODE_DOMAIN, b"").decode("utf-8", "replace"),
+        fields.get(_NODE_OP_TYPE, b"").decode("utf-8", "replace"),
+    )
+    for _, attr in _messages(node, _NODE_ATTRIBUTE):
+        for _, body in _messages(attr, _ATTR_G, _ATTR_GRAPHS):
+            yield from _graph_ops(body, depth + 1)
+
+
+def op_types(model: bytes) -> set[tuple[str, str]]:
+    """Every (domain, operator) a serialized ModelProto's nodes use, nested graphs and
+    model-local functions included ("" is the default ONNX domain).
+
+    Raises:
+        ProtoError: the bytes are not a well-formed protobuf message.
+    """
+    found: set[tuple[str, str]] = set()
+    for number, value in _messages(memoryview(model), _MODEL_GRAPH, _MODEL_FUNCTIONS):
+        if number == _MODEL_GRAPH:
+            found.update(_graph_ops(value, 0))
+        else:
+            for _, node in _messages(value, _FUNCTION_NODE):
+                found.update(_node_ops(node, 0))
+    return found
 
 
 def looks_like_model(model: bytes) -> bool:

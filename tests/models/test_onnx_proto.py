@@ -1,7 +1,9 @@
 """The minimal protobuf walker finds every external-data location the onnx package finds,
-and the ones in sparse initializers it does not."""
+and the ones in sparse initializers it does not; and every operator a model uses."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -9,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import _get_all_tensors
 
-from app.models.onnx_proto import ProtoError, external_data_locations, looks_like_model
+from app.models.onnx_proto import ProtoError, external_data_locations, looks_like_model, op_types
 from tests import onnx_factory
 
 
@@ -99,3 +101,44 @@ def test_garbage_is_refused(data: bytes) -> None:
     with pytest.raises(ProtoError):
         external_data_locations(data)
     assert not looks_like_model(data)
+
+
+def _reference_ops(graph: onnx.GraphProto) -> set[tuple[str, str]]:
+    found = set()
+    for node in graph.node:
+        found.add((node.domain, node.op_type))
+        for attr in node.attribute:
+            for body in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                found |= _reference_ops(body)
+    return found
+
+
+@pytest.mark.parametrize(
+    "model",
+    [nested_model(), onnx_factory.slow_loop(), onnx_factory.identity_all_types()],
+    ids=["nested", "loop", "flat"],
+)
+def test_same_operators_as_the_onnx_package(model: onnx.ModelProto) -> None:
+    assert op_types(model.SerializeToString()) == _reference_ops(model.graph)
+
+
+def test_operators_of_nested_graphs_and_functions_are_found() -> None:
+    assert ("", "Add") in op_types(nested_model().SerializeToString())  # in the Loop body
+    function = helper.make_function(
+        "local", "f", ["a"], ["b"], [helper.make_node("Softsign", ["a"], ["b"])], []
+    )
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("f", ["x"], ["y"], domain="local")],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        ),
+        functions=[function],
+    )
+    assert op_types(model.SerializeToString()) == {("local", "f"), ("", "Softsign")}
+
+
+def test_a_quantized_model_shows_its_matmulnbits(generation_models_dir: Path) -> None:
+    data = (generation_models_dir / "smollm2" / "1" / "model.onnx").read_bytes()
+    assert ("com.microsoft", "MatMulNBits") in op_types(data)

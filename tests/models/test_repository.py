@@ -161,6 +161,17 @@ def test_share_weights_needs_external_data(tmp_path: Path) -> None:
     assert out["y"].tolist() == [[1.0, 2.0, 3.0, 4.0]]
 
 
+def test_share_weights_is_refused_for_quantized_weights(
+    tmp_path: Path, generation_models_dir: Path
+) -> None:
+    # Unpacked, onnxruntime's MatMulNBits runs SmolLM2 ~25 times slower.
+    shutil.copytree(generation_models_dir / "smollm2", tmp_path / "smollm2")
+    toml = tmp_path / "smollm2" / "model.toml"
+    toml.write_text("share_weights = true\n" + toml.read_text())
+    with pytest.raises(RepositoryError, match="MatMulNBits weights unpacked"):
+        scan(tmp_path)
+
+
 @pytest.mark.parametrize(
     "location",
     [
