@@ -90,7 +90,7 @@ def create_app(
         app.add_route("/metrics", MetricsResource(metrics))
     openapi = OpenApiResource()
     app.add_route("/openapi.json", openapi)
-    openapi.build(app, OPEN_PATHS)
+    openapi.document(app, OPEN_PATHS)
     return app
 
 

@@ -96,3 +96,23 @@ def test_bodies_come_from_the_wire_types(spec: dict[str, Any]) -> None:
 
 def test_every_code_is_explained() -> None:
     assert set(ERROR_DOCS) == set(ErrorCode)
+
+
+def test_the_document_is_built_on_its_first_request_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.resources import openapi
+
+    calls: list[int] = []
+    real = openapi.build_spec
+
+    def counting(*args: Any) -> dict[str, Any]:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(openapi, "build_spec", counting)
+    settings = make_settings(DEMO_MODELS)
+    client = TestClient(create_app(settings, build_repository(settings)))
+    assert calls == []  # a worker starts without walking every route
+    first = client.simulate_get("/openapi.json")
+    second = client.simulate_get("/openapi.json")
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content and calls == [1]
