@@ -7,7 +7,9 @@ deliberate review of this module and of :meth:`app.server.gevent_worker.GeventWo
 
 from __future__ import annotations
 
+import email.utils
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +49,18 @@ def write_raw(sock: Any, data: bytes) -> None:
     util.write_nonblock(sock, data)
 
 
+_DATE: list[Any] = [-1, ""]
+
+
+def http_date() -> str:
+    """The Date header's value for now (RFC 9110), formatted once per second, not per answer."""
+    now = int(time.time())
+    if now != _DATE[0]:
+        _DATE[1] = email.utils.formatdate(now, usegmt=True)
+        _DATE[0] = now
+    return str(_DATE[1])
+
+
 class CoalescingResponse(wsgi.Response):  # type: ignore[misc]
     """gunicorn's response, with the headers sent in one write with the first body bytes.
 
@@ -59,6 +73,24 @@ class CoalescingResponse(wsgi.Response):  # type: ignore[misc]
     _pending = b""
     headers_sent: bool
     chunked: bool
+
+    def default_headers(self) -> list[str]:
+        """gunicorn's status line and default headers, the Date formatted once a second."""
+        if self.upgrade:
+            connection = "upgrade"
+        elif self.should_close():
+            connection = "close"
+        else:
+            connection = "keep-alive"
+        headers = [
+            f"HTTP/{self.req.version[0]}.{self.req.version[1]} {self.status}\r\n",
+            f"Server: {self.version}\r\n",
+            f"Date: {http_date()}\r\n",
+            f"Connection: {connection}\r\n",
+        ]
+        if self.chunked:
+            headers.append("Transfer-Encoding: chunked\r\n")
+        return headers
 
     def send_headers(self) -> None:
         """Render the headers (as gunicorn does) and keep them for the next write."""

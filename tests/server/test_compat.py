@@ -38,6 +38,7 @@ FINGERPRINTS: dict[Callable[..., Any], str] = {
     base_async.AsyncWorker.handle_request: "913e17a9542aa70d",  # the fair wait wraps it
     base_async.AsyncWorker.handle: "6eb3b127e6ba7e84",  # its keep-alive wait is ours
     # CoalescingResponse overrides these; create() must look the class up per request.
+    Response.default_headers: "cb490cea5d6f5408",
     Response.send_headers: "7aff3b7d004fc17b",
     Response.write: "a13659ff072c00e1",
     Response._emit_body: "df723e865a1e5adc",
@@ -153,3 +154,32 @@ def test_headers_go_out_with_the_first_body_bytes(monkeypatch: pytest.MonkeyPatc
     writes, received = _answer(monkeypatch, b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n", [b""])
     assert writes == 1
     assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"\r\n\r\n")
+
+
+@pytest.mark.parametrize("close", [False, True])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_default_headers_are_gunicorns_with_a_cached_date(
+    monkeypatch: pytest.MonkeyPatch, close: bool, chunked: bool
+) -> None:
+    monkeypatch.setattr(wsgi, "Response", wsgi.Response)  # restored after the test
+    compat.coalesce_writes()
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        cfg = Config()
+        req = next(iter(RequestParser(cfg, right, ("127.0.0.1", 1))))
+        resp, _ = wsgi.create(req, right, ("127.0.0.1", 1), ("127.0.0.1", 80), cfg)
+        resp.start_response("200 OK", [("Content-Type", "text/plain")])
+        resp.chunked = chunked
+        if close:
+            resp.force_close()
+        clock = [1_700_000_000.2]
+        monkeypatch.setattr(compat.time, "time", lambda: clock[0])
+        monkeypatch.setattr(gunicorn.util.time, "time", lambda: clock[0])
+        assert resp.default_headers() == Response.default_headers(resp)
+        first = compat.http_date()
+        clock[0] += 0.5  # the same second: the same text, not formatted again
+        assert compat.http_date() is first
+        clock[0] += 1
+        assert compat.http_date() == "Tue, 14 Nov 2023 22:13:21 GMT"
+        assert resp.default_headers() == Response.default_headers(resp)
