@@ -263,6 +263,7 @@ CONFIGS = [
     Config("appliance-gthread"),
     Config("appliance-pyparser"),
     # The same server, loaded over OIP gRPC (h2load: HTTP/2 frames, no Python client in the way).
+    Config("grpc-floor", models=TENSOR_MODELS, envelope="grpc"),
     Config("appliance-grpc", models=TENSOR_MODELS, envelope="grpc"),
     Config("appliance-grpc-gthread", models=TENSOR_MODELS, envelope="grpc"),
     Config("appliance-nginx"),
@@ -488,6 +489,10 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
             "--no-control-socket",
             "bare_falcon:app",
         ]
+    elif config.name == "grpc-floor":
+        env["BENCH_GRPC_BIND"] = f"127.0.0.1:{port}"
+        env["PYTHONPATH"] = str(ROOT)  # the generated OIP modules
+        cmd = [str(ours / "python"), str(PEERS / "bare_grpc.py")]
     elif config.peer == "fastapi":
         if config.name == "fastapi-tuned":
             env["BENCH_INTRA_OP_THREADS"] = "1"
@@ -549,7 +554,7 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
             cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     running = Running(config, process, port, started, log_file)
-    running.grpc = env.get("ONNX_APPLIANCE_SERVER__GRPC_BIND", "")
+    running.grpc = env.get("ONNX_APPLIANCE_SERVER__GRPC_BIND", env.get("BENCH_GRPC_BIND", ""))
     if config.name == "appliance-nginx":
         # NGINX with TLS in front, over the unix socket, as deployed (lab certificate).
         from loadtests.edge import run_edge
@@ -646,9 +651,14 @@ def wait_first_200(running: Running, workload: Workload, timeout: float = 180) -
     while time.monotonic() < deadline:
         if running.process.poll() is not None:
             raise RuntimeError(f"{running.config.name} exited; see {running.log_file}")
-        status, _ = post(url, body, 5, running.config.content_type(workload))
-        if status == 200:
-            return time.monotonic() - running.started
+        if running.config.name == "grpc-floor":  # gRPC only: its first answer
+            with contextlib.suppress(Exception):
+                if check_grpc_answer(running, workload) == "":
+                    return time.monotonic() - running.started
+        else:
+            status, _ = post(url, body, 5, running.config.content_type(workload))
+            if status == 200:
+                return time.monotonic() - running.started
         time.sleep(0.02)
     raise RuntimeError(f"{running.config.name} gave no 200 in {timeout}s; see {running.log_file}")
 
