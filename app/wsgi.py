@@ -88,9 +88,7 @@ def create_app(
     _add_text_routes(app, repository, settings.limits)
     if settings.metrics.enabled:
         app.add_route("/metrics", MetricsResource(metrics))
-    openapi = OpenApiResource()
-    app.add_route("/openapi.json", openapi)
-    openapi.document(app, OPEN_PATHS)
+    app.add_route("/openapi.json", OpenApiResource(app, OPEN_PATHS))
     return app
 
 

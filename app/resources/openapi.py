@@ -308,23 +308,21 @@ class OpenApiResource:
 
     Building it walks every route with falcon's inspector, which reads each responder's
     source: ~50 ms that every worker would otherwise spend before it answered anything.
+
+    Args:
+        app: The app it documents, with every route it will have by the first request.
+        open_paths: Routes that need no API key.
     """
 
-    def __init__(self) -> None:
-        self._app: falcon.App[Any, Any] | None = None
-        self._open_paths: tuple[str, ...] = ()
+    def __init__(self, app: falcon.App[Any, Any], open_paths: Iterable[str]) -> None:
+        self._app = app
+        self._open_paths = tuple(open_paths)
         self._body: bytes | None = None
-
-    def document(self, app: falcon.App[Any, Any], open_paths: Iterable[str]) -> None:
-        """Serve the document of ``app`` (call after its last route is added)."""
-        self._app, self._open_paths, self._body = app, tuple(open_paths), None
 
     @documented("This document (OpenAPI 3.1)", media=_JSON)
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         """Return the document."""
         if self._body is None:
-            if self._app is None:
-                raise falcon.HTTPNotFound()
             self._body = schema.encode(build_spec(self._app, self._open_paths))
         resp.content_type = falcon.MEDIA_JSON
         resp.data = self._body

@@ -8,6 +8,7 @@ deliberate review of this module and of :meth:`app.server.gevent_worker.GeventWo
 from __future__ import annotations
 
 import email.utils
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -49,16 +50,14 @@ def write_raw(sock: Any, data: bytes) -> None:
     util.write_nonblock(sock, data)
 
 
-_DATE: list[Any] = [-1, ""]
-
-
 def http_date() -> str:
     """The Date header's value for now (RFC 9110), formatted once per second, not per answer."""
-    now = int(time.time())
-    if now != _DATE[0]:
-        _DATE[1] = email.utils.formatdate(now, usegmt=True)
-        _DATE[0] = now
-    return str(_DATE[1])
+    return _formatted_date(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _formatted_date(second: int) -> str:
+    return email.utils.formatdate(second, usegmt=True)
 
 
 class CoalescingResponse(wsgi.Response):  # type: ignore[misc]
