@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -141,7 +142,6 @@ def test_after_a_reload_pooled_nginx_connections_reach_the_new_version(tmp_path:
 def test_workers_load_onnxruntime_themselves_and_exit_cleanly(tmp_path: Path) -> None:
     """onnxruntime is imported after fork: a worker forked from a master that had imported it
     would abort at exit (onnxruntime's import starts a thread the fork does not copy)."""
-    import urllib.request
 
     def predict() -> int:
         post = urllib.request.Request(
