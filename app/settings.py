@@ -404,6 +404,15 @@ def out_of_range(key: str, value: int, low: int, high: int) -> str | None:
     return f"{key} = {value} is invalid: must be from {low} to {high}"
 
 
+def first_out_of_range(*bounds: tuple[str, int, int, int]) -> str | None:
+    """The complaint about the first ``(key, value, low, high)`` out of range, or None."""
+    for key, value, low, high in bounds:
+        problem = out_of_range(key, value, low, high)
+        if problem:
+            return problem
+    return None
+
+
 def thread_limit() -> int:
     """The most threads (or processes) any one thread-count setting may ask for.
 

@@ -57,6 +57,7 @@ from app.settings import (
     MAX_TEXT_TOKENS,
     MAX_TIMEOUT_MS,
     MAX_WARMUP_RUNS,
+    first_out_of_range,
     out_of_range,
     thread_limit,
 )
@@ -97,14 +98,13 @@ class BatchingConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             RepositoryError: a value out of range.
         """
         where = f"model {model!r}: {MODEL_CONFIG}: batching"
-        for key, value, low, high in (
+        problem = first_out_of_range(
             ("max_batch_size", self.max_batch_size, 1, MAX_BATCH_ROWS),
             ("max_queue", self.max_queue, 1, MAX_QUEUE),
             ("max_queue_delay_us", self.max_queue_delay_us, 0, 1_000_000),
-        ):
-            problem = out_of_range(key, value, low, high)
-            if problem:
-                raise RepositoryError(f"{where}: {problem}")
+        )
+        if problem:
+            raise RepositoryError(f"{where}: {problem}")
         bad = [n for n in self.preferred_batch_sizes if not 1 <= n <= self.max_batch_size]
         if bad:
             raise RepositoryError(
@@ -136,13 +136,12 @@ class CacheConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         Raises:
             RepositoryError: a value out of range.
         """
-        for key, value, low, high in (
+        problem = first_out_of_range(
             ("max_entries", self.max_entries, 1, 10_000_000),
             ("max_mib", self.max_mib, 1, 65_536),
-        ):
-            problem = out_of_range(key, value, low, high)
-            if problem:
-                raise RepositoryError(f"model {model!r}: {MODEL_CONFIG}: cache: {problem}")
+        )
+        if problem:
+            raise RepositoryError(f"model {model!r}: {MODEL_CONFIG}: cache: {problem}")
         return CacheOptions(max_entries=self.max_entries, max_bytes=self.max_mib * 1024 * 1024)
 
 
@@ -179,16 +178,15 @@ class TextConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             RepositoryError: a value out of range.
         """
         where = f"model {model!r}: {MODEL_CONFIG}: text"
-        for key, value, low, high in (
+        problem = first_out_of_range(
             ("max_tokens", self.max_tokens, 1, MAX_TEXT_TOKENS),
             ("max_inputs", self.max_inputs, 1, MAX_BATCH_ROWS),
             ("max_batch_tokens", self.max_batch_tokens, self.max_tokens, MAX_TENSOR_ELEMENTS),
             ("max_queue_delay_us", self.max_queue_delay_us, 0, 1_000_000),
             ("max_queue", self.max_queue, 1, MAX_QUEUE),
-        ):
-            problem = out_of_range(key, value, low, high)
-            if problem:
-                raise RepositoryError(f"{where}: {problem}")
+        )
+        if problem:
+            raise RepositoryError(f"{where}: {problem}")
         return TextOptions(
             task=self.task,
             max_tokens=self.max_tokens,
@@ -240,7 +238,7 @@ class GenerationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
         where = f"model {model!r}: {MODEL_CONFIG}: generation"
         new_tokens = self.max_new_tokens or self.max_context - 1
         default_tokens = self.default_max_tokens or min(256, new_tokens)
-        for key, value, low, high in (
+        problem = first_out_of_range(
             ("max_context", self.max_context, 2, MAX_TEXT_TOKENS),
             ("max_sequences", self.max_sequences, 1, MAX_SEQUENCES),
             ("max_queue", self.max_queue, 0, MAX_QUEUE),
@@ -248,10 +246,9 @@ class GenerationConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
             ("default_max_tokens", default_tokens, 1, new_tokens),
             ("max_stop_sequences", self.max_stop_sequences, 0, 64),
             ("max_stop_length", self.max_stop_length, 1, 4096),
-        ):
-            problem = out_of_range(key, value, low, high)
-            if problem:
-                raise RepositoryError(f"{where}: {problem}")
+        )
+        if problem:
+            raise RepositoryError(f"{where}: {problem}")
         if not self.eos_token_ids:
             raise RepositoryError(f"{where}: eos_token_ids is empty: name the end token(s)")
         return GenerationOptions(
@@ -293,13 +290,12 @@ class ImageConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             RepositoryError: a value out of range or an unknown format.
         """
         where = f"model {model!r}: {MODEL_CONFIG}: image"
-        for key, value, low, high in (
+        problem = first_out_of_range(
             ("max_pixels", self.max_pixels, 1, MAX_IMAGE_PIXELS),
             ("max_images", self.max_images, 1, MAX_BATCH_ROWS),
-        ):
-            problem = out_of_range(key, value, low, high)
-            if problem:
-                raise RepositoryError(f"{where}: {problem}")
+        )
+        if problem:
+            raise RepositoryError(f"{where}: {problem}")
         formats = [f.upper() for f in self.formats]
         unknown = sorted(set(formats) - set(KNOWN_FORMATS))
         if unknown or not formats:
@@ -394,13 +390,12 @@ class DriftConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 raise RepositoryError(
                     f"{where}.capture: percent {c.percent:g} is out of range 0 < p <= 100"
                 )
-            for key, value, low, high in (
+            problem = first_out_of_range(
                 ("max_file_mib", c.max_file_mib, 1, 1024),
                 ("max_files", c.max_files, 1, 1000),
-            ):
-                problem = out_of_range(key, value, low, high)
-                if problem:
-                    raise RepositoryError(f"{where}.capture: {problem}")
+            )
+            if problem:
+                raise RepositoryError(f"{where}.capture: {problem}")
             if capture_dir is None:
                 raise RepositoryError(
                     f"{where}.capture: payload capture needs a folder: set models.capture_dir"
