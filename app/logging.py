@@ -154,6 +154,50 @@ class BufferedLoggerFactory:
         return self._logger if args and args[0] == ACCESS_LOGGER else self._immediate
 
 
+class _ChainAccess:
+    """Request lines through structlog's whole processor chain (console format, tests)."""
+
+    def __call__(self, fields: dict[str, Any], quiet: bool) -> None:
+        access = structlog.get_logger(ACCESS_LOGGER)
+        (access.debug if quiet else access.info)("request", **fields)
+
+
+class _DirectAccess:
+    """Request lines rendered straight to JSON: the line the chain renders, at half the cost.
+
+    The chain merges contextvars, which costs most of a line; the fronts pass what they bound
+    (``request_id``, ``key_id``) as fields instead.
+    """
+
+    def __init__(self, logger: BufferedLogger, level: int) -> None:
+        self._logger = logger
+        self._level = level
+        self._stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+
+    def __call__(self, fields: dict[str, Any], quiet: bool) -> None:
+        level = "debug" if quiet else "info"
+        if _LEVELS[level] < self._level:
+            return
+        fields["event"] = "request"
+        fields["level"] = level
+        fields["pid"] = _PID[0]
+        self._logger.msg(orjson.dumps(self._stamp(None, "", fields)))
+
+
+#: How request lines are written, set by :func:`configure_logging`.
+_ACCESS: list[_ChainAccess | _DirectAccess] = [_ChainAccess()]
+
+
+def log_request(fields: dict[str, Any], quiet: bool = False) -> None:
+    """Write one request's access line (event ``request``), at debug level when ``quiet``.
+
+    Args:
+        fields: The line's fields, ``request_id`` included; the dict becomes the line.
+        quiet: Log at debug level (successful probes and scrapes).
+    """
+    _ACCESS[0](fields, quiet)
+
+
 def flush_logs() -> None:
     """Write queued log lines now (before a worker exits)."""
     factory = structlog.get_config().get("logger_factory")
@@ -170,17 +214,15 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     """
     numeric = _LEVELS[level]
     renderer = _renderer(fmt)
+    # orjson renders bytes; the console renderer renders str.
+    factory = BufferedLoggerFactory(sys.stderr.buffer) if fmt == "json" else None
     structlog.configure(
         processors=[*_shared_processors(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        # orjson renders bytes; the console renderer renders str.
-        logger_factory=(
-            BufferedLoggerFactory(sys.stderr.buffer)
-            if fmt == "json"
-            else structlog.PrintLoggerFactory(sys.stderr)
-        ),
+        logger_factory=factory or structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    _ACCESS[0] = _DirectAccess(factory._logger, numeric) if factory else _ChainAccess()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(stdlib_formatter(fmt))
     root = logging.getLogger()

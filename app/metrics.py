@@ -3,17 +3,27 @@
 When ``PROMETHEUS_MULTIPROC_DIR`` is set (the CLI sets it before any worker starts), every
 worker writes its values to files there and a scrape of any worker aggregates all of them;
 gunicorn's ``child_exit`` hook marks dead workers so their live gauges drop out.
+
+What every request records (in flight, count, duration, errors, inference time) is queued in
+the process and written in batches: at most :data:`FLUSH_INTERVAL_S` later by a writer
+thread, at once when a scrape or a read of the registry comes, and at worker exit.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator, Sequence
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -24,10 +34,13 @@ from prometheus_client import (
     multiprocess,
     values,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 
 from app import __version__
 from app.logging import current_pid
+
+log = structlog.get_logger(__name__)
 
 PREFIX = "onnx_appliance"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -48,6 +61,13 @@ _LATENCY_BUCKETS = (
     5.0,
     10.0,
 )
+
+
+#: Seconds a request's metrics may wait in the worker before the writer thread writes them.
+FLUSH_INTERVAL_S = 0.5
+#: Queued updates past which the request that queues one writes them all itself.
+FLUSH_AT = 4096
+_STARTED = ("started",)
 
 
 def multiprocess_enabled() -> bool:
@@ -71,6 +91,14 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # Registered first, so any collection of this registry sees the queue written.
+        r.register(_FlushOnCollect(self))
+        self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._flush_lock = threading.Lock()
+        self._requests_in_flight = 0
+        self._writer = False
+        self._shared = multiprocess_enabled()
+        _INSTANCES.add(self)
         self.requests = Counter(
             f"{PREFIX}_requests",
             "HTTP requests answered, by route, method, status, model, version and API key id.",
@@ -276,10 +304,12 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self.build_info.labels(__version__).set(1)
-        self._inference_children: dict[tuple[str, str], Any] = {}
-        self._request_children: dict[tuple[str, str, int, str, str, str], tuple[Any, Any]] = {}
         self._batch_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._shadow_children: dict[tuple[str, ...], Any] = {}
+
+    def request_started(self) -> None:
+        """Count a request in flight until its :meth:`request` (every front calls both)."""
+        self._queue.append(_STARTED)
 
     def request(
         self,
@@ -293,19 +323,78 @@ class Metrics:
         error_code: str = "",
     ) -> None:
         """Count one answered request, of any front (HTTP, gRPC), and time it."""
-        key = (route, method, status, model, version, key_id)
-        children = self._request_children.get(key)
-        if children is None:
-            # labels() costs more than the increment itself; every label here comes from a
-            # bounded set (route templates, known models), so the cache stays small.
-            children = self._request_children[key] = (
-                self.requests.labels(route, method, str(status), model, version, key_id),
-                self.request_duration.labels(route, model, version),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
+        self._enqueue(("request", route, method, status, model, version, key_id, seconds))
         if error_code:
-            self.errors.labels(route, model, version, error_code).inc()
+            self._queue.append(("error", route, model, version, error_code))
+
+    def inference(self, model: str, version: str, seconds: float) -> None:
+        """Record one session run (the serving layer's inference observer)."""
+        self._enqueue(("inference", model, version, seconds))
+
+    def _enqueue(self, update: tuple[Any, ...]) -> None:
+        # A deque's append is atomic, so request threads, gRPC threads and the writer need
+        # no lock between them; only writers take one.
+        queue = self._queue
+        queue.append(update)
+        if len(queue) > FLUSH_AT:
+            self.flush()
+        elif not self._writer and self._shared:
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        self._writer = True
+        writer = threading.Thread(target=self._write_periodically, name="metrics-writer")
+        writer.daemon = True
+        writer.start()
+
+    def _write_periodically(self) -> None:
+        while True:
+            time.sleep(FLUSH_INTERVAL_S)
+            try:
+                self.flush()
+            except Exception as exc:  # the writer must outlive one failed write
+                log.error("metrics_write_failed", error=str(exc))
+
+    def _after_fork(self) -> None:
+        # The writer thread stays behind, and what the parent queued is the parent's.
+        self._writer = False
+        self._queue.clear()
+        self._flush_lock = threading.Lock()
+
+    def flush(self) -> None:
+        """Write every queued request update into the metric values (files, when shared)."""
+        with self._flush_lock:
+            counts: collections.Counter[tuple[Any, ...]] = collections.Counter()
+            errors: collections.Counter[tuple[str, ...]] = collections.Counter()
+            durations: dict[tuple[str, ...], list[float]] = collections.defaultdict(list)
+            runs: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+            started = 0
+            queue = self._queue
+            while queue:
+                update = queue.popleft()
+                kind = update[0]
+                if kind == "request":
+                    _, route, method, status, model, version, key_id, seconds = update
+                    counts[(route, method, status, model, version, key_id)] += 1
+                    durations[(route, model, version)].append(seconds)
+                elif kind == "inference":
+                    runs[(update[1], update[2])].append(update[3])
+                elif kind == "error":
+                    errors[update[1:]] += 1
+                else:
+                    started += 1
+            in_flight = self._requests_in_flight + started - sum(counts.values())
+            if in_flight != self._requests_in_flight:
+                self._requests_in_flight = in_flight
+                self.in_flight.set(in_flight)
+            for (route, method, status, model, version, key_id), n in counts.items():
+                self.requests.labels(route, method, str(status), model, version, key_id).inc(n)
+            for (route, model, version), seconds in durations.items():
+                observe_all(self.request_duration.labels(route, model, version), seconds)
+            for labels, n in errors.items():
+                self.errors.labels(*labels).inc(n)
+            for (model, version), seconds in runs.items():
+                observe_all(self.inference_duration.labels(model, version), seconds)
 
     def batch(self, model: str, version: str, rows: int, waits: list[float]) -> None:
         """Record one (micro-)batch and how long its requests queued."""
@@ -350,15 +439,6 @@ class Metrics:
     def cache_lookup(self, model: str, version: str, hit: bool) -> None:
         """Count a response cache hit or miss."""
         self.cache_lookups.labels(model, version, "hit" if hit else "miss").inc()
-
-    def inference(self, model: str, version: str, seconds: float) -> None:
-        """Record one session run (the serving layer's inference observer)."""
-        child = self._inference_children.get((model, version))
-        if child is None:
-            child = self._inference_children[(model, version)] = self.inference_duration.labels(
-                model, version
-            )
-        child.observe(seconds)
 
     def _shadow_child(self, family: Any, *labels: str) -> Any:
         # Children cached as for requests: every label comes from a bounded set.
@@ -420,11 +500,51 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type; all workers' values in multiprocess mode."""
         if multiprocess_enabled():
+            self.flush()  # this worker's own requests, up to this one
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             with _directory_lock(fcntl.LOCK_SH):
                 return generate_latest(registry), CONTENT_TYPE
         return generate_latest(self.registry), CONTENT_TYPE
+
+
+_INSTANCES: weakref.WeakSet[Metrics] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for metrics in list(_INSTANCES):
+        metrics._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _FlushOnCollect:
+    """A collector with no metrics of its own: collecting writes the metrics' queue first."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = weakref.ref(metrics)
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.flush()
+        return []
+
+
+def observe_all(histogram: Any, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for every value, with one write per bucket hit and one for the sum.
+
+    prometheus_client has no batch observe; this uses the child's buckets (one value each,
+    not cumulative) and sum as its own ``observe`` does, which a test compares against.
+    """
+    hits = collections.Counter(bisect.bisect_left(histogram._upper_bounds, v) for v in values)
+    for index, n in hits.items():
+        histogram._buckets[index].inc(n)
+    histogram._sum.inc(sum(values))
 
 
 def mark_process_dead(pid: int) -> None:

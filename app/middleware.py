@@ -14,7 +14,7 @@ import structlog
 
 from app.errors import ErrorCode
 from app.keys import KeyStore
-from app.logging import ACCESS_LOGGER
+from app.logging import log_request
 from app.metrics import Metrics
 from app.ratelimit import RateLimiter, retry_after
 from app.resources.errors import ApiError
@@ -27,8 +27,6 @@ _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"
 #: (NGINX restricts /metrics to its allow-list). They arrive every few seconds, so they are
 #: logged only at debug level when they succeed.
 OPEN_PATHS = frozenset({*LIVE_PATHS, *READY_PATHS, "/metrics"})
-
-log = structlog.get_logger(ACCESS_LOGGER)
 
 
 class _IdSource:
@@ -83,7 +81,7 @@ class RequestContext:
         ctx.error_code = ""
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=ctx.request_id)
-        self._metrics.in_flight.inc()
+        self._metrics.request_started()
 
     def process_response(
         self, req: falcon.Request, resp: falcon.Response, resource: Any, req_succeeded: bool
@@ -95,20 +93,21 @@ class RequestContext:
         route = req.uri_template or "unmatched"
         method = req.method if req.method in _METHODS else "other"
         status = resp.status_code
-        self._metrics.in_flight.dec()
         self._metrics.request(
             route, method, status, ctx.model, ctx.version, ctx.key_id, duration, ctx.error_code
         )
-        emit = log.debug if route in OPEN_PATHS and status < 400 else log.info
-        emit(
-            "request",
-            method=method,
-            route=route,
-            status=status,
-            duration_ms=round(duration * 1000, 3),
-            model=ctx.model or None,
-            version=ctx.version or None,
-            key_id=ctx.key_id or None,
+        log_request(
+            {
+                "method": method,
+                "route": route,
+                "status": status,
+                "duration_ms": round(duration * 1000, 3),
+                "model": ctx.model or None,
+                "version": ctx.version or None,
+                "key_id": ctx.key_id or None,
+                "request_id": ctx.request_id,
+            },
+            quiet=route in OPEN_PATHS and status < 400,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -107,3 +108,38 @@ def test_python_warnings_are_one_json_line_each() -> None:
     ]
     assert lines[0]["message"] == "overflow encountered in cast"
     assert lines[1]["where"] == "<string>:7"
+
+
+_REQUEST_LINES = """
+import json, structlog, sys
+from app.logging import ACCESS_LOGGER, configure_logging, log_request
+configure_logging(sys.argv[1], "json")
+fields = {"method": "POST", "route": "/r", "status": 200, "duration_ms": 0.5, "model": "m",
+          "version": None, "key_id": "k", "request_id": "rid-7"}
+# What the chain writes for the same request, whose fronts bind the id and key as they go.
+structlog.contextvars.bind_contextvars(request_id="rid-7", key_id="k")
+structlog.get_logger(ACCESS_LOGGER).info("request", **{**fields, "request_id": "other"})
+structlog.get_logger(ACCESS_LOGGER).info("request", **fields)
+structlog.contextvars.clear_contextvars()
+log_request(dict(fields))
+log_request(dict(fields, route="/healthz"), quiet=True)
+structlog.get_logger("app.models").warning("after")
+"""
+
+
+def test_request_lines_are_the_lines_the_chain_writes() -> None:
+    def lines(level: str) -> list[dict[str, object]]:
+        result = subprocess.run(
+            [sys.executable, "-c", _REQUEST_LINES, level],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        return [json.loads(line) for line in result.stderr.splitlines()]
+
+    differs, chain, direct, after = lines("info")
+    assert differs["request_id"] == "other"  # the comparison can fail
+    stamps = [line.pop("timestamp") for line in (chain, direct)]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", s) for s in stamps)
+    assert direct == chain
+    assert after["event"] == "after"  # in order with the other lines, quiet one dropped
+    *_, quiet, _ = lines("debug")
+    assert (quiet["route"], quiet["level"]) == ("/healthz", "debug")

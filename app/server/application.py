@@ -71,6 +71,8 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
         self.runner: type[Runner] = Runner
         #: This worker's gRPC server, when server.grpc_bind asks for one.
         self.grpc_server: Any = None
+        #: This worker's metrics, written out at its exit (set by :meth:`load`).
+        self.metrics: Metrics | None = None
         super().__init__()
 
     def _prepare(self, generation: int, settings: Settings | None = None) -> ServingState:
@@ -146,6 +148,7 @@ class ApplianceApplication(BaseApplication):  # type: ignore[misc]
                     shares.get(candidate, 0.0)
                 )
         metrics.worker_starts.inc()
+        self.metrics = metrics
         limiter = RateLimiter(state.limiter_path) if state.limiter_path else None
         app = create_app(state.settings, repository, metrics, state.keys, limiter)
         if state.settings.server.grpc_bind:

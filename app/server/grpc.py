@@ -29,7 +29,7 @@ import structlog
 
 from app import __version__
 from app.errors import GRPC_STATUS, HTTP_STATUS, ApplianceError, ErrorCode
-from app.logging import ACCESS_LOGGER
+from app.logging import log_request
 from app.metrics import Metrics
 from app.middleware import Authenticator, request_id_from
 from app.models.errors import InvalidInput, ModelNotReady
@@ -44,8 +44,6 @@ from app.protocols.v2 import Inference
 from app.settings import Settings
 
 log = structlog.get_logger(__name__)
-#: One line per call, batched like HTTP's access lines (a write per call costs ~10%).
-access = structlog.get_logger(ACCESS_LOGGER)
 
 SERVICE = "/inference.GRPCInferenceService/"
 #: Calls that answer without a key, as their HTTP twins do.
@@ -221,7 +219,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not stream:
             # With the status, not in a batch of its own (send_initial_metadata costs ~5%).
             context.set_trailing_metadata((("x-request-id", call.request_id),))
-        self._metrics.in_flight.inc()
+        self._metrics.request_started()
         code: ErrorCode | None = None
         message = ""
         try:
@@ -244,22 +242,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         duration = time.perf_counter() - call.started
         route = SERVICE + method
         status = 200 if code is None else HTTP_STATUS[code]
-        self._metrics.in_flight.dec()
         self._metrics.request(
             route, PROTOCOL, status, call.model, call.version, call.key_id, duration,
             code.value if code else "",
         )  # fmt: skip
-        emit = access.debug if method in OPEN_METHODS and code is None else access.info
-        emit(
-            "request",
-            method=PROTOCOL,
-            route=route,
-            status=status,
-            grpc_status=GRPC_STATUS[code] if code else "OK",
-            duration_ms=round(duration * 1000, 3),
-            model=call.model or None,
-            version=call.version or None,
-            key_id=call.key_id or None,
+        log_request(
+            {
+                "method": PROTOCOL,
+                "route": route,
+                "status": status,
+                "grpc_status": GRPC_STATUS[code] if code else "OK",
+                "duration_ms": round(duration * 1000, 3),
+                "model": call.model or None,
+                "version": call.version or None,
+                "key_id": call.key_id or None,
+                "request_id": call.request_id,
+            },
+            quiet=method in OPEN_METHODS and code is None,
         )
 
 

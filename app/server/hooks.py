@@ -54,11 +54,13 @@ def child_exit(server: Any, worker: Any) -> None:
 
 def worker_exit(server: Any, worker: Any) -> None:
     """Let the worker's gRPC calls finish (none are taken any more), then write its queued
-    input statistics and log lines before it goes."""
+    input statistics, request metrics and log lines before it goes."""
     grpc_server = getattr(server.app, "grpc_server", None)
     if grpc_server is not None:
         grpc_server.stop(grace=server.app.state.settings.server.graceful_timeout).wait()
     server.app.state.repository.flush_statistics()
+    if server.app.metrics is not None:
+        server.app.metrics.flush()
     flush_logs()
 
 

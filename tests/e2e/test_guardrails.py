@@ -18,8 +18,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.metrics import FLUSH_INTERVAL_S
 from tests import onnx_factory
-from tests.conftest import DEMO_MODELS
+from tests.conftest import DEMO_MODELS, wait_until
 from tests.e2e.conftest import CLI, Server, add_key, run_server, wait_for_event
 
 GOOD = {"inputs": [{"name": "input", "shape": [1, 30], "datatype": "FP32", "data": [0.5] * 30}]}
@@ -291,22 +292,31 @@ def test_worker_recycling_loses_nothing_and_metrics_stay_bounded(tmp_path: Path)
 
         with Load(send, threads=4, limit=8) as load:
             time.sleep(8)
-        time.sleep(0.5)
-        text = requests.get(f"{srv.url}/metrics", timeout=10).text
+        served: list[float] = []
+
+        def all_counted() -> bool:
+            text = requests.get(f"{srv.url}/metrics", timeout=10).text
+            served.append(
+                sum(
+                    s.value
+                    for f in text_string_to_metric_families(text)
+                    if f.name == "onnx_appliance_requests"
+                    for s in f.samples
+                    if s.name.endswith("_total") and s.labels["model"] == "regression"
+                )
+            )
+            return served[-1] >= len(load.results)
+
+        # A live worker that does not answer the scrape writes its counts within
+        # FLUSH_INTERVAL_S; recycled ones wrote theirs as they exited.
+        wait_until(all_counted, "every request counted", timeout=FLUSH_INTERVAL_S + 2)
         files = sorted(p.name for p in srv.metrics_dir.glob("*.db"))
         log = srv.log_path.read_text()
     assert len(load.results) > 200
     assert load.failed == [], Counter(load.failed)
     assert log.count("worker_ready") >= 6, "workers were not recycled"
     assert "WORKER TIMEOUT" not in log
-    served = sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        if f.name == "onnx_appliance_requests"
-        for s in f.samples
-        if s.name.endswith("_total") and s.labels["model"] == "regression"
-    )
-    assert served == len(load.results)  # recycled workers' counts were kept, not lost
+    assert served[-1] == len(load.results)  # recycled workers' counts were kept, not lost
     # Per live worker a counter, a histogram and two live-gauge files, plus one archive per
     # type: it does not grow with the number of recycled workers.
     assert len(files) <= 2 * 4 + 2, files

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from app.files import write_atomically
+from app.metrics import FLUSH_INTERVAL_S
 from app.models.drift import DriftReference, FeatureReference
 from app.models.rollout import Thresholds, state_path, write_state
 from app.rollout import new_state
@@ -137,14 +138,19 @@ def test_error_codes_and_worker_starts_are_counted_in_a_live_scrape(served: Serv
     # Readiness answers once one worker is up; the other may still be warming up.
     wait_until(lambda: starts() >= 2, "both workers started")
     assert starts() == 2.0  # two workers, each counted once
-    samples = _samples(served)
-    errors = {
-        (s.labels["code"], s.labels["route"]): s.value
-        for s in samples
-        if s.name == "onnx_appliance_errors_total"
-    }
-    assert errors[("MODEL_NOT_FOUND", "/v1/models/{model}:predict")] == 1.0
-    assert errors[("RATE_LIMITED", "unmatched")] >= 1.0
+
+    def errors() -> dict[tuple[str, str], float]:
+        return {
+            (s.labels["code"], s.labels["route"]): s.value
+            for s in _samples(served)
+            if s.name == "onnx_appliance_errors_total"
+        }
+
+    not_found = ("MODEL_NOT_FOUND", "/v1/models/{model}:predict")
+    # Either worker may have answered; the other writes its counts within FLUSH_INTERVAL_S.
+    wait_until(lambda: not_found in errors(), "the 404 counted", timeout=FLUSH_INTERVAL_S + 2)
+    assert errors()[not_found] == 1.0
+    assert errors()[("RATE_LIMITED", "unmatched")] >= 1.0
 
 
 def _prometheus_query(port: int, query: str) -> dict[str, Any]:

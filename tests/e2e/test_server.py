@@ -18,7 +18,8 @@ import requests
 import tritonclient.http as triton
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import DEMO_MODELS
+from app.metrics import FLUSH_INTERVAL_S
+from tests.conftest import DEMO_MODELS, wait_until
 from tests.e2e.conftest import Server, UnixHTTPConnection, children, run_server
 
 RNG = np.random.default_rng(7)
@@ -226,6 +227,7 @@ def _scrape(server: Server) -> str:
 
 
 def test_metrics_sum_over_workers_and_pass_promtool(server: Server) -> None:
+    time.sleep(FLUSH_INTERVAL_S + 0.1)  # earlier tests' requests are all written by now
     before = _model_requests(_scrape(server), "mlp")
     x = [0.1] * 256
 
@@ -252,8 +254,15 @@ def test_metrics_sum_over_workers_and_pass_promtool(server: Server) -> None:
         while time.monotonic() < deadline and (sent < 60 or len(serving_pids()) < 2):
             assert set(pool.map(predict, range(20))) == {200}
             sent += 20
-    text = _scrape(server)
-    assert _model_requests(text, "mlp") - before == sent
+    texts: list[str] = []
+
+    def all_counted() -> bool:
+        texts.append(_scrape(server))
+        return _model_requests(texts[-1], "mlp") - before == sent
+
+    # The worker that does not answer the scrape writes its counts within FLUSH_INTERVAL_S.
+    wait_until(all_counted, f"{sent} requests counted", timeout=FLUSH_INTERVAL_S + 2)
+    text = texts[-1]
     assert len(serving_pids()) == 2, serving_pids()  # both workers served, the scrape sums them
     check = subprocess.run(
         ["promtool", "check", "metrics"],
