@@ -9,6 +9,7 @@ sheds load at once and a waiter whose deadline passes leaves without running.
 from __future__ import annotations
 
 import _thread
+import math
 import os
 import sys
 import threading
@@ -107,13 +108,15 @@ class Watchdog:
     """One OS thread per worker that sets ``terminate`` on runs past their deadline.
 
     It uses the OS's own thread and lock even in a gevent worker: the runs it cancels hold
-    the worker's only thread, so a greenlet could never interrupt them. It ticks every
-    ``TICK`` seconds while the worker is busy and sleeps after ``IDLE_TICKS`` ticks with
-    nothing to watch, so under load no request pays for waking it.
+    the worker's only thread, so a greenlet could never interrupt them. It sleeps until the
+    earliest deadline it watches, or ``HORIZON`` seconds at most while runs come and go, and
+    for good once a whole horizon passed with nothing to watch. A run is woken for only when
+    its deadline comes before the thread's next wake-up: under load with the usual
+    timeouts of seconds, runs come and go without waking it, and it takes the worker's GIL
+    about once a second instead of at every tick.
     """
 
-    TICK = 0.01
-    IDLE_TICKS = 100
+    HORIZON = 1.0
 
     def __init__(self) -> None:
         self._active: dict[int, tuple[float, Any]] = {}
@@ -125,13 +128,21 @@ class Watchdog:
     def _after_fork(self) -> None:
         _, allocate = _os_thread_api()
         self._started = False
-        self._sleeping = False
-        self.wakes = 0  # times watch() had to wake the sleeping thread
+        self.wakes = 0  # times watch() had to wake the thread before its time
         self._lock = allocate()
-        # Held except while watch() wakes the sleeping thread.
+        # Held except when watch() wakes the thread early; never released twice, because
+        # only an armed thread (waiting on it) is woken, and waking disarms it.
         self._wake = allocate()
         self._wake.acquire()
+        self._armed = False
+        self._wake_at = math.inf
+        self._watched = False  # a run was watched since the thread last woke
         self._active.clear()
+
+    @property
+    def sleeping(self) -> bool:
+        """Asleep until the next run is watched."""
+        return self._armed and self._wake_at == math.inf
 
     def _ensure_thread(self) -> None:
         if not self._started:
@@ -146,8 +157,9 @@ class Watchdog:
             self._next += 1
             token = self._next
             self._active[token] = (deadline, run_options)
-            if self._sleeping:
-                self._sleeping = False
+            self._watched = True
+            if self._armed and deadline < self._wake_at:
+                self._armed = False
                 self.wakes += 1
                 self._wake.release()
         return token
@@ -158,21 +170,22 @@ class Watchdog:
             self._active.pop(token, None)
 
     def _loop(self) -> None:
-        idle = 0
         while True:
             with self._lock:
                 now = time.monotonic()
+                wake_at = now + self.HORIZON
                 for token, (deadline, options) in list(self._active.items()):
                     if now >= deadline:
                         options.terminate = True
                         del self._active[token]
-                idle = 0 if self._active else idle + 1
-                self._sleeping = idle >= self.IDLE_TICKS
-                sleeping = self._sleeping
-            # A tick (nobody releases the lock while awake), or sleep until watch() does.
-            self._wake.acquire(timeout=-1 if sleeping else self.TICK)
-            if sleeping:
-                idle = 0
+                    else:
+                        wake_at = min(wake_at, deadline)
+                if not self._active and not self._watched:
+                    wake_at = math.inf
+                self._watched = False
+                self._wake_at = wake_at
+                self._armed = True
+            self._wake.acquire(timeout=-1 if wake_at == math.inf else max(0.0, wake_at - now))
 
 
 WATCHDOG = Watchdog()

@@ -76,16 +76,19 @@ def test_watchdog_sleeps_when_idle_and_is_not_woken_per_run() -> None:
     from app.models.scheduling import Watchdog
 
     dog = Watchdog()
-    dog.IDLE_TICKS = 5  # asleep after 50 ms without runs
+    dog.HORIZON = 0.05  # asleep for good after two horizons without runs
     options = SimpleNamespace(terminate=False)
     dog.done(dog.watch(time.monotonic() + 60, options))  # starts the thread
-    wait_until(lambda: dog._sleeping, "the idle watchdog to sleep", timeout=5)
+    wait_until(lambda: dog.sleeping, "the idle watchdog to sleep", timeout=5)
     for _ in range(1000):  # a busy worker: runs come and go
         dog.done(dog.watch(time.monotonic() + 60, options))
     assert dog.wakes == 1  # only the first run after the nap woke it
+    started = time.monotonic()
     overrun = SimpleNamespace(terminate=False)
-    dog.watch(time.monotonic() + 0.05, overrun)
-    deadline = time.monotonic() + 2
-    while not overrun.terminate and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert overrun.terminate  # and it still cancels on time
+    dog.watch(started + 0.2, overrun)  # before its next wake-up: it wakes for this one
+    wait_until(lambda: overrun.terminate, "the overrun cancelled", timeout=5)
+    # At its deadline, not at a tick or a horizon before it.
+    assert time.monotonic() - started >= 0.2
+    later = SimpleNamespace(terminate=False)
+    dog.watch(time.monotonic() + 3 * dog.HORIZON, later)  # after a few horizons
+    wait_until(lambda: later.terminate, "a deadline past the horizon", timeout=5)
