@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import collections
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -47,12 +48,26 @@ def _add_pid(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
     return event
 
 
+def _add_timestamp(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
+    # ISO 8601 UTC with microseconds, as structlog's TimeStamper(fmt="iso", utc=True) writes
+    # it, but the date and time of day formatted once a second instead of per line.
+    now = time.time()
+    second = int(now)
+    event["timestamp"] = f"{_iso_second(second)}.{int((now - second) * 1e6):06d}Z"
+    return event
+
+
+@functools.lru_cache(maxsize=1)
+def _iso_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def _shared_processors() -> list[Any]:
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         _add_pid,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_timestamp,
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,
     ]
@@ -172,7 +187,6 @@ class _DirectAccess:
     def __init__(self, logger: BufferedLogger, level: int) -> None:
         self._logger = logger
         self._level = level
-        self._stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
 
     def __call__(self, fields: dict[str, Any], quiet: bool) -> None:
         level = "debug" if quiet else "info"
@@ -181,7 +195,7 @@ class _DirectAccess:
         fields["event"] = "request"
         fields["level"] = level
         fields["pid"] = _PID[0]
-        self._logger.msg(orjson.dumps(self._stamp(None, "", fields)))
+        self._logger.msg(orjson.dumps(_add_timestamp(None, "", fields)))
 
 
 #: How request lines are written, set by :func:`configure_logging`.

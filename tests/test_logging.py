@@ -138,8 +138,23 @@ def test_request_lines_are_the_lines_the_chain_writes() -> None:
     differs, chain, direct, after = lines("info")
     assert differs["request_id"] == "other"  # the comparison can fail
     stamps = [line.pop("timestamp") for line in (chain, direct)]
-    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z", s) for s in stamps)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", s) for s in stamps)
     assert direct == chain
     assert after["event"] == "after"  # in order with the other lines, quiet one dropped
     *_, quiet, _ = lines("debug")
     assert (quiet["route"], quiet["level"]) == ("/healthz", "debug")
+
+
+def test_timestamps_are_utc_with_microseconds() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from app.logging import _add_timestamp
+
+    for _ in range(1000):  # across second boundaries too, now and then
+        before = datetime.now(UTC)
+        stamp = _add_timestamp(None, "", {})["timestamp"]
+        after = datetime.now(UTC)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+        # Truncated to the microsecond, as datetime's own clock reading is.
+        at = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        assert before - timedelta(microseconds=1) <= at <= after, (before, stamp, after)
