@@ -267,6 +267,8 @@ CONFIGS = [
     Config("appliance-grpc", models=TENSOR_MODELS, envelope="grpc"),
     Config("appliance-grpc-gthread", models=TENSOR_MODELS, envelope="grpc"),
     Config("appliance-nginx"),
+    # The model floor behind the same NGINX site: what TLS and proxying cost on this machine.
+    Config("floor-model-nginx", models=TENSOR_MODELS),
     Config("appliance-baseline"),
 ]
 
@@ -434,7 +436,7 @@ class Running:
     scheme: str = "http"
     host: str = "127.0.0.1"
     grpc: str = ""  # host:port of the gRPC server, for appliance-grpc
-    edge_pid: int = 0  # NGINX's master, for appliance-nginx (its CPU counts as the server's)
+    edge_pid: int = 0  # NGINX's master, for the *-nginx configs (its CPU counts as the server's)
 
     @property
     def base(self) -> str:
@@ -473,7 +475,7 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
     peer_bin = CACHE / config.peer / "bin"
     cwd = PEERS
     if config.name.startswith("floor"):
-        if config.name == "floor-model":
+        if config.name.startswith("floor-model"):
             env["BENCH_FLOOR_MODELS"] = "1"
         cmd = [
             str(ours / "gunicorn"),
@@ -483,7 +485,7 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
             "-k",
             "app.server.gevent_worker.GeventWorker",
             "-b",
-            f"127.0.0.1:{port}",
+            _bind(config, workdir, port),
             "--log-level",
             "warning",
             "--no-control-socket",
@@ -555,7 +557,7 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
         )
     running = Running(config, process, port, started, log_file)
     running.grpc = env.get("ONNX_APPLIANCE_SERVER__GRPC_BIND", env.get("BENCH_GRPC_BIND", ""))
-    if config.name == "appliance-nginx":
+    if config.name.endswith("-nginx"):
         # NGINX with TLS in front, over the unix socket, as deployed (lab certificate).
         from loadtests.edge import run_edge
 
@@ -577,6 +579,11 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
         running.edge_pid = edge.process.pid
         running.port = edge.https_port
     return running
+
+
+def _bind(config: Config, workdir: Path, port: int) -> str:
+    """Where a server listens: the unix socket behind NGINX, else loopback TCP."""
+    return f"unix:{workdir / 'app.sock'}" if config.name.endswith("-nginx") else f"127.0.0.1:{port}"
 
 
 def _appliance_command(
@@ -601,7 +608,7 @@ def _appliance_command(
         "--workers",
         str(WORKERS),
         "--bind",
-        f"unix:{workdir / 'app.sock'}" if config.name == "appliance-nginx" else f"127.0.0.1:{port}",
+        _bind(config, workdir, port),
     ]
     if config.name in ("appliance-gthread", "appliance-grpc-gthread"):
         cmd += ["--worker-class", "gthread"]

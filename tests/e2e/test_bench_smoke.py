@@ -25,6 +25,7 @@ REQUIRED = (
     "appliance-batched",
     "appliance-gthread",
     "appliance-nginx",
+    "floor-model-nginx",
 )
 
 
