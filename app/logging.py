@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import PurePath
 from typing import Any, BinaryIO
 
@@ -40,6 +41,18 @@ os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 def current_pid() -> int:
     """This process's pid, kept current across fork without a system call per use."""
     return _PID[0]
+
+
+def call_periodically(name: str, interval: float, fn: Callable[[], None]) -> None:
+    """Call ``fn`` every ``interval`` seconds, for the rest of the process, from a daemon
+    thread (a greenlet once gevent has patched threading)."""
+
+    def run() -> None:
+        while True:
+            time.sleep(interval)
+            fn()
+
+    threading.Thread(target=run, name=name, daemon=True).start()
 
 
 def _add_pid(logger: Any, name: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -109,12 +122,7 @@ class BufferedLogger:
 
     def _start_writer(self) -> None:
         self._writer = True
-        threading.Thread(target=self._run, name="log-writer", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self._interval)
-            self.flush()
+        call_periodically("log-writer", self._interval, self.flush)
 
     def flush(self) -> None:
         """Write every queued line now."""

@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import os
 import threading
-import time
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 
 from app import __version__
-from app.logging import current_pid
+from app.logging import call_periodically, current_pid
 
 log = structlog.get_logger(__name__)
 
@@ -343,17 +342,13 @@ class Metrics:
 
     def _start_writer(self) -> None:
         self._writer = True
-        writer = threading.Thread(target=self._write_periodically, name="metrics-writer")
-        writer.daemon = True
-        writer.start()
+        call_periodically("metrics-writer", FLUSH_INTERVAL_S, self._write)
 
-    def _write_periodically(self) -> None:
-        while True:
-            time.sleep(FLUSH_INTERVAL_S)
-            try:
-                self.flush()
-            except Exception as exc:  # the writer must outlive one failed write
-                log.error("metrics_write_failed", error=str(exc))
+    def _write(self) -> None:
+        try:
+            self.flush()
+        except Exception as exc:  # the writer must outlive one failed write
+            log.error("metrics_write_failed", error=str(exc))
 
     def _after_fork(self) -> None:
         # The writer thread stays behind, and what the parent queued is the parent's.

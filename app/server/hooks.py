@@ -55,9 +55,9 @@ def child_exit(server: Any, worker: Any) -> None:
 def worker_exit(server: Any, worker: Any) -> None:
     """Let the worker's gRPC calls finish (none are taken any more), then write its queued
     input statistics, request metrics and log lines before it goes."""
-    grpc_server = getattr(server.app, "grpc_server", None)
-    if grpc_server is not None:
-        grpc_server.stop(grace=server.app.state.settings.server.graceful_timeout).wait()
+    if server.app.grpc_server is not None:
+        grace = server.app.state.settings.server.graceful_timeout
+        server.app.grpc_server.stop(grace=grace).wait()
     server.app.state.repository.flush_statistics()
     if server.app.metrics is not None:
         server.app.metrics.flush()
