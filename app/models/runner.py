@@ -199,9 +199,9 @@ class CooperativeRunner(Runner):
     A model whose warm-up took at most ``inline_run_us`` (or that was never warmed up: then
     it is slow until shown otherwise) runs on the worker's own thread, which costs nothing
     but holds every other connection for the length of the run. Once ``SLOW_STREAK`` runs in
-    a row take longer than that in CPU time (run time depends on the inputs too), its runs go
-    to a helper thread for good. One slow run is not enough: a garbage collection can land in
-    any run.
+    a row take longer than that (run time depends on the inputs too), its runs go to a helper
+    thread for good: the first of them by wall time, the others by CPU time. One slow run is
+    not enough: a garbage collection can land in any run.
     """
 
     def __init__(self, model: OnnxModel) -> None:
@@ -217,18 +217,21 @@ class CooperativeRunner(Runner):
         """One session run, inline or in a helper thread."""
         if self.offload:
             return run_in_thread(self.model.run, names, inputs, options)
-        # CPU time of this thread, not wall time: a run the OS preempted is not a slow run.
-        cpu_start = time.thread_time()
+        # Wall time, which bounds CPU time from above and needs no system call, judges
+        # the first slow run; the runs after it are timed in this thread's CPU time, so
+        # that runs the OS preempted do not make a streak.
+        clock = time.thread_time if self._slow_streak else time.perf_counter
+        start = clock()
         results = self.model.run(names, inputs, options)
-        cpu = time.thread_time() - cpu_start
-        self._slow_streak = self._slow_streak + 1 if cpu * 1e6 > self.inline_run_us else 0
+        took = clock() - start
+        self._slow_streak = self._slow_streak + 1 if took * 1e6 > self.inline_run_us else 0
         if self._slow_streak >= SLOW_STREAK:
             self.offload = True
             log.warning(
                 "model_runs_offloaded",
                 model=self.model.name,
                 version=self.model.version_str,
-                run_cpu_ms=round(cpu * 1000, 3),
+                run_cpu_ms=round(took * 1000, 3),
                 inline_run_us=self.inline_run_us,
             )
         return results

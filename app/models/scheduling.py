@@ -35,6 +35,10 @@ class Gate:
         self.max_queue = max_queue
         self._running = 0
         self._waiting = 0
+        # The counts are kept under an OS lock, held for a few instructions and never
+        # across a wait, so a free slot costs no more than that lock. Under gevent's
+        # patching the Condition's RLock is written in Python: only queued requests pay it.
+        self._counts = _os_thread_api()[1]()
         # An RLock knows its owner: with a plain Lock, notify() probes ownership with a
         # failed acquire, and gevent's Lock yields to other greenlets on that.
         self._cond = threading.Condition(threading.RLock())
@@ -46,30 +50,48 @@ class Gate:
             Overloaded: the queue is full.
             InferenceTimeout: the deadline passed while waiting; nothing was run.
         """
-        with self._cond:
+        with self._counts:
             if self._running < self.concurrency:
                 self._running += 1
                 return
-            if self._waiting >= self.max_queue:
-                raise Overloaded(f"model {label} has {self._waiting} requests queued; retry later")
-            self._waiting += 1
+        with self._cond:
+            with self._counts:
+                if self._running < self.concurrency:
+                    self._running += 1
+                    return
+                if self._waiting >= self.max_queue:
+                    queued = self._waiting
+                else:
+                    queued = -1
+                    self._waiting += 1
+            if queued >= 0:
+                raise Overloaded(f"model {label} has {queued} requests queued; retry later")
+            # The Condition is held from here until wait() lets go of it, and release()
+            # takes it before notify(): a slot freed meanwhile is seen or notified, never lost.
             try:
-                while self._running >= self.concurrency:
+                while True:
                     remaining = None if deadline is None else deadline - time.monotonic()
+                    with self._counts:
+                        if self._running < self.concurrency:
+                            self._running += 1
+                            return
                     if remaining is not None and remaining <= 0:
                         raise InferenceTimeout(
                             f"model {label} could not start before the request's deadline"
                         )
                     self._cond.wait(remaining)
-                self._running += 1
             finally:
-                self._waiting -= 1
+                with self._counts:
+                    self._waiting -= 1
 
     def release(self) -> None:
-        """Give the slot back and wake one waiter."""
-        with self._cond:
+        """Give the slot back and wake one waiter, if any."""
+        with self._counts:
             self._running -= 1
-            self._cond.notify()
+            waiting = self._waiting
+        if waiting:
+            with self._cond:
+                self._cond.notify()
 
     @property
     def load(self) -> tuple[int, int]:

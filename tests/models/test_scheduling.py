@@ -40,6 +40,35 @@ def test_gate_waiter_leaves_at_its_deadline() -> None:
     assert gate.load == (0, 0)
 
 
+def test_gate_never_runs_more_than_its_concurrency_and_loses_no_wake_up() -> None:
+    # Threads race for two slots, holding each for a moment so that others queue: the
+    # slots' count never goes over, every waiter is woken (none hangs), nothing is shed.
+    gate = Gate(concurrency=2, max_queue=8)
+    inside, most, done = [0], [0], []
+    count = threading.Lock()
+
+    def client() -> None:
+        for _ in range(300):
+            gate.acquire(time.monotonic() + 30, "m")
+            with count:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.0001)
+            with count:
+                inside[0] -= 1
+            gate.release()
+        done.append(True)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(done) == 6
+    assert most[0] == 2
+    assert gate.load == (0, 0)
+
+
 # gevent's monkey patching cannot be undone, so this runs in a fresh interpreter.
 GEVENT_PRELUDE = """
 from gevent import monkey; monkey.patch_all()
@@ -68,6 +97,28 @@ other.join()
 """
     )
     assert out == ["switches 0"], out
+
+
+def test_gevent_gate_queues_greenlets_and_wakes_each() -> None:
+    # Greenlets that yield while holding the one slot queue behind it and are all served.
+    out = run_python(
+        GEVENT_PRELUDE
+        + """
+gate = Gate(concurrency=1, max_queue=16)
+inside, most = [0], [0]
+def client():
+    for _ in range(50):
+        gate.acquire(None, "m")
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        gevent.sleep(0)
+        inside[0] -= 1
+        gate.release()
+gevent.joinall([gevent.spawn(client) for _ in range(8)], timeout=30, raise_error=True)
+print(">", "most", most[0], "load", *gate.load)
+"""
+    )
+    assert out == ["most 1 load 0 0"], out
 
 
 def test_watchdog_sleeps_when_idle_and_is_not_woken_per_run() -> None:
