@@ -166,16 +166,16 @@ class Watchdog:
         """Asleep until the next run is watched."""
         return self._armed and self._wake_at == math.inf
 
-    def _ensure_thread(self) -> None:
-        if not self._started:
-            self._started = True
-            start, _ = _os_thread_api()
-            start(self._loop, ())
+    def _start(self) -> None:
+        self._started = True
+        start, _ = _os_thread_api()
+        start(self._loop, ())
 
     def watch(self, deadline: float, run_options: Any) -> int:
         """Cancel ``run_options``' run at ``deadline``; returns a token for :meth:`done`."""
         with self._lock:
-            self._ensure_thread()
+            if not self._started:
+                self._start()
             self._next += 1
             token = self._next
             self._active[token] = (deadline, run_options)

@@ -87,11 +87,13 @@ def read_body(req: falcon.Request, limits: LimitsSettings) -> bytes:
     # bounded_stream stops at Content-Length; without one (chunked) the server's own stream
     # ends with the body.
     stream = req.bounded_stream if declared is not None else req.stream
-    data = _read_within(req, stream, limit, limits.body_timeout_ms / 1000)
+    data = _read_within(req, stream, declared, limit, limits.body_timeout_ms / 1000)
     return data if encoding == "identity" else _gunzip(data, limit)
 
 
-def _read_within(req: falcon.Request, stream: Any, limit: int, timeout: float) -> bytes:
+def _read_within(
+    req: falcon.Request, stream: Any, declared: int | None, limit: int, timeout: float
+) -> bytes:
     chunks: list[bytes] = []
     size = 0
     failed = False
@@ -99,7 +101,8 @@ def _read_within(req: falcon.Request, stream: Any, limit: int, timeout: float) -
     cutoff = _CutOff(sock) if sock is not None else None
     token = WATCHDOG.watch(time.monotonic() + timeout, cutoff) if cutoff is not None else 0
     try:
-        while size <= limit:
+        # With a Content-Length, reading stops at it rather than asking once more for the end.
+        while size <= limit and (declared is None or size < declared):
             data: bytes = stream.read(min(_CHUNK, limit + 1 - size))
             if not data:
                 break
