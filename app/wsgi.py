@@ -75,9 +75,9 @@ def create_app(
                 ],
             )
         )
-    middleware.append(
-        Authenticator(keys or KeyStore(), limiter, settings.auth.rate, settings.auth.burst)
-    )
+    keys = keys or KeyStore()
+    if keys.enabled:  # without keys every route is open: nothing to check per request
+        middleware.append(Authenticator(keys, limiter, settings.auth.rate, settings.auth.burst))
     app = falcon.App(middleware=middleware, media_type=falcon.MEDIA_JSON)
     # Bodies are read and parsed by the resources themselves, with a hard size cap.
     app.req_options.auto_parse_form_urlencoded = False
