@@ -121,8 +121,16 @@ def test_a_good_candidate_reaches_all_traffic_without_a_failed_request(
         ("version=1",): 0.0,
         ("version=2",): 100.0,
     }
-    rollout = scrape(rollout_server, "onnx_appliance_rollout_percent", model="good")
-    assert rollout == {("candidate=2", "primary=1", "status=complete"): 100.0}
+    # The gauge is the live workers': those of the last "running" step report it until they
+    # have exited, which may take longer than the second above on a loaded machine.
+    complete = {("candidate=2", "primary=1", "status=complete"): 100.0}
+
+    def only_complete() -> bool:
+        found = scrape(rollout_server, "onnx_appliance_rollout_percent", model="good")
+        time.sleep(0.05)
+        return found == complete
+
+    wait_until(only_complete, "the rollout's last workers to exit", timeout=30)
 
 
 def test_a_slower_candidate_is_rolled_back_at_the_first_step(rollout_server: Server) -> None:
