@@ -75,8 +75,7 @@ def create_app(
                 ],
             )
         )
-    keys = keys or KeyStore()
-    if keys.enabled:  # without keys every route is open: nothing to check per request
+    if keys is not None and keys.enabled:  # without keys every route is open: no check
         middleware.append(Authenticator(keys, limiter, settings.auth.rate, settings.auth.burst))
     app = falcon.App(middleware=middleware, media_type=falcon.MEDIA_JSON)
     # Bodies are read and parsed by the resources themselves, with a hard size cap.

@@ -50,31 +50,20 @@ class Gate:
             Overloaded: the queue is full.
             InferenceTimeout: the deadline passed while waiting; nothing was run.
         """
-        with self._counts:
-            if self._running < self.concurrency:
-                self._running += 1
-                return
+        if self._take():
+            return
         with self._cond:
             with self._counts:
-                if self._running < self.concurrency:
-                    self._running += 1
-                    return
-                if self._waiting >= self.max_queue:
-                    queued = self._waiting
-                else:
-                    queued = -1
-                    self._waiting += 1
-            if queued >= 0:
-                raise Overloaded(f"model {label} has {queued} requests queued; retry later")
+                if self._running >= self.concurrency and self._waiting >= self.max_queue:
+                    raise Overloaded(
+                        f"model {label} has {self._waiting} requests queued; retry later"
+                    )
+                self._waiting += 1
             # The Condition is held from here until wait() lets go of it, and release()
             # takes it before notify(): a slot freed meanwhile is seen or notified, never lost.
             try:
-                while True:
+                while not self._take():
                     remaining = None if deadline is None else deadline - time.monotonic()
-                    with self._counts:
-                        if self._running < self.concurrency:
-                            self._running += 1
-                            return
                     if remaining is not None and remaining <= 0:
                         raise InferenceTimeout(
                             f"model {label} could not start before the request's deadline"
@@ -83,6 +72,14 @@ class Gate:
             finally:
                 with self._counts:
                     self._waiting -= 1
+
+    def _take(self) -> bool:
+        """Take a free slot, if there is one."""
+        with self._counts:
+            if self._running < self.concurrency:
+                self._running += 1
+                return True
+        return False
 
     def release(self) -> None:
         """Give the slot back and wake one waiter, if any."""
