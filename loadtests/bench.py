@@ -247,6 +247,8 @@ class Config:
 CONFIGS = [
     Config("floor", models=TENSOR_MODELS, exact=False),
     Config("floor-model", models=TENSOR_MODELS),
+    # The model floor plus the leanest form of each per-request guardrail: what they must cost.
+    Config("floor-guarded", models=TENSOR_MODELS),
     Config("fastapi", models=TENSOR_MODELS, peer="fastapi"),
     Config("fastapi-tuned", models=TENSOR_MODELS, peer="fastapi"),
     Config("mlserver", models={"tabular"}, peer="mlserver"),
@@ -477,6 +479,8 @@ def start(config: Config, repos: dict[str, Path], workdir: Path) -> Running:
     if config.name.startswith("floor"):
         if config.name.startswith("floor-model"):
             env["BENCH_FLOOR_MODELS"] = "1"
+        elif config.name == "floor-guarded":
+            env["BENCH_FLOOR_MODELS"] = "guarded"
         cmd = [
             str(ours / "gunicorn"),
             "-w",

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 REQUIRED = (
     "floor",
     "floor-model",
+    "floor-guarded",
     "fastapi",
     "fastapi-tuned",
     "appliance",
