@@ -1158,6 +1158,97 @@ def measure(args: argparse.Namespace) -> Report:
     return report
 
 
+@dataclass(frozen=True)
+class Target:
+    """A speed target of the appliance: its ratio to another configuration, at c64."""
+
+    workload: str
+    metric: str  # a field of Sample
+    against: str
+    bound: float
+    at_most: bool  # met when the ratio is at most the bound (else at least)
+    label: str
+
+
+# Issue 16's targets. Each ratio is taken within one round, where both servers met the same
+# machine, and the median of those is reported: the rounds of one configuration drift by more
+# than the targets' margins on a shared host.
+TARGETS = (
+    Target("tabular_b1", "cpu_us_per_request", "floor-model", 1.1, True, "CPU/req x floor-model"),
+    Target("tabular_b1", "rps", "floor-model", 0.9, False, "req/s x floor-model"),
+    Target("tabular_b1", "rps", "fastapi", 2.0, False, "req/s x FastAPI"),
+    Target("tabular_b1", "p99_ms", "fastapi", 0.25, True, "p99 x FastAPI"),
+    Target("mlp_b1", "rps", "fastapi-tuned", 2.0, False, "req/s x fastapi-tuned"),
+)
+TARGET_CONCURRENCY = 64
+# The appliance is held to the targets; the floors show what this stack itself reaches.
+TARGET_CONFIGS = ("appliance", "floor-guarded", "floor-model")
+
+
+def paired_ratios(
+    samples: list[Sample], workload: str, concurrency: int, config: str, against: str, metric: str
+) -> list[float]:
+    """``config``'s ``metric`` over ``against``'s, one ratio per round that measured both."""
+    rounds: dict[int, dict[str, float]] = {}
+    for s in samples:
+        if s.workload == workload and s.concurrency == concurrency:
+            rounds.setdefault(s.round, {})[s.config] = getattr(s, metric)
+    return [
+        pair[config] / pair[against]
+        for _, pair in sorted(rounds.items())
+        if config in pair and pair.get(against)
+    ]
+
+
+def _targets(samples: list[Sample]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The targets' table (empty when no target could be measured) and its data."""
+    rows: list[str] = []
+    data: list[dict[str, Any]] = []
+    for target in TARGETS:
+        cells = []
+        for config in TARGET_CONFIGS:
+            ratios = paired_ratios(
+                samples, target.workload, TARGET_CONCURRENCY, config, target.against, target.metric
+            )
+            if config == target.against or not ratios:
+                cells.append("")
+                continue
+            median = statistics.median(ratios)
+            met = median <= target.bound if target.at_most else median >= target.bound
+            data.append(
+                {
+                    "workload": target.workload,
+                    "measure": target.label,
+                    "config": config,
+                    "median": median,
+                    "min": min(ratios),
+                    "max": max(ratios),
+                    "bound": target.bound,
+                    "met": met,
+                }
+            )
+            verdict = (" met" if met else " missed") if config == "appliance" else ""
+            cells.append(f"{median:.2f} ({min(ratios):.2f}-{max(ratios):.2f}){verdict}")
+        if any(cells):
+            sign = "≤" if target.at_most else "≥"
+            rows.append(
+                f"| {target.workload} | {target.label} | {sign} {target.bound:g} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    if not rows:
+        return [], data
+    head = [
+        f"## Targets, concurrency {TARGET_CONCURRENCY}",
+        "",
+        "Each ratio is taken within one round, then the median (min-max over rounds).",
+        "",
+        "| workload | measure | target | " + " | ".join(TARGET_CONFIGS) + " |",
+        "|---|---|---|" + "---|" * len(TARGET_CONFIGS),
+    ]
+    return [*head, *rows, ""], data
+
+
 def summarise(report: Report) -> tuple[str, dict[str, Any]]:
     """Median table with spread and ratios, as Markdown, plus the same as data."""
     groups: dict[tuple[str, str, int], list[Sample]] = {}
@@ -1217,6 +1308,8 @@ def summarise(report: Report) -> tuple[str, dict[str, Any]]:
                     f"= req/s x {texts})"
                 )
             lines.append("")
+    target_lines, summary["targets"] = _targets(report.samples)
+    lines += target_lines
     if report.ceiling_calls_per_s:
         lines += [
             "## In-process onnxruntime ceiling (1 thread, no server)",
