@@ -12,10 +12,11 @@ appliance is what its features cost.
 With ``BENCH_FLOOR_MODELS=guarded`` it is the *guarded floor*: the model floor plus the least
 each per-request guardrail of the appliance needs, written as leanly as we know how in one
 responder, with none of the appliance's code or layers: a request id echoed, a body size
-limit, the inputs checked against the model (names, datatype, shape, lossless cast), a
-deadline that can cancel the run, admission counted under a lock, a per-process metrics
-count and duration, and one JSON log line per request written in batches. It is a lower
-bound for what those guardrails cost on this stack, not a server anyone should run.
+limit, the inputs checked against the model (names, datatype, shape, lossless cast), the
+run's options and deadline registered for a watchdog and admission counted, both under one
+lock (no watchdog thread runs: its per-request cost is the registering), a per-process
+metrics count and duration, and one JSON log line per request written in batches. It is a
+lower bound for what those guardrails cost on this stack, not a server anyone should run.
 """
 
 import _thread
@@ -73,6 +74,12 @@ class Model:
             for t in doc["inputs"]
         }
         session = self.sessions[name]
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self.answer(name, session, session.run(None, feeds))
+
+    @staticmethod
+    def answer(name: str, session: Any, results: list[np.ndarray]) -> bytes:
+        """The OIP response body for a session's results."""
         outputs: list[dict[str, Any]] = [
             {
                 "name": meta.name,
@@ -80,10 +87,9 @@ class Model:
                 "shape": list(value.shape),
                 "data": value.ravel().tolist(),
             }
-            for meta, value in zip(session.get_outputs(), session.run(None, feeds), strict=True)
+            for meta, value in zip(session.get_outputs(), results, strict=True)
         ]
-        resp.content_type = falcon.MEDIA_JSON
-        resp.data = orjson.dumps({"model_name": name, "outputs": outputs})
+        return orjson.dumps({"model_name": name, "outputs": outputs})
 
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -185,16 +191,7 @@ class Guarded(Model):
             with self.lock:
                 self.running -= 1
                 del self.watched[token]
-        outputs = [
-            {
-                "name": meta.name,
-                "datatype": NAMES.get(str(value.dtype), "BYTES"),
-                "shape": list(value.shape),
-                "data": value.ravel().tolist(),
-            }
-            for meta, value in zip(session.get_outputs(), results, strict=True)
-        ]
-        return orjson.dumps({"model_name": name, "outputs": outputs})
+        return self.answer(name, session, results)
 
 
 app = falcon.App()
